@@ -1,0 +1,38 @@
+"""AutoFLIP for Flower: federated hybrid pruning guided by federated loss exploration.
+
+Server side: :class:`AutoFLIP` (a Flower Message-API strategy).
+Client side: :class:`AutoFLIPClient` (registers the handlers on a ``ClientApp``).
+The math lives in small modules: :mod:`.guidance` (what matters),
+:mod:`.masks` (which weights and units to keep), :mod:`.structure` and
+:mod:`.compact` (unit couplings and physical surgery), :mod:`.codec` (the
+wire format) and :mod:`.costs` (FLOPs).
+"""
+
+from .client import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTask
+from .codec import CodecError, Layout
+from .config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError, Option, parse_options
+from .enforce import enforce_mask
+from .masks import HybridMask, compute_hybrid_mask
+from .strategy import AutoFLIP
+from .structure import ModelStructure, UnsupportedModelError, discover_structure
+
+__all__ = [
+    "AutoFLIP",
+    "AutoFLIPClient",
+    "AutoFLIPConfig",
+    "CodecError",
+    "ConfigError",
+    "EvalOutcome",
+    "HybridMask",
+    "Layout",
+    "ModelStructure",
+    "Option",
+    "STRATEGY_OPTIONS",
+    "TrainOutcome",
+    "TrainTask",
+    "UnsupportedModelError",
+    "compute_hybrid_mask",
+    "discover_structure",
+    "enforce_mask",
+    "parse_options",
+]

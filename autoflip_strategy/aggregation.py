@@ -1,0 +1,92 @@
+"""Checking client replies and averaging the accepted ones.
+
+A reply reaches the global model only through :func:`validate_train_reply`,
+which turns every kind of bad input (missing records, absurd example counts,
+a stale mask, anything the codec rejects) into a :class:`RejectedReply` with
+a reason the strategy logs. The average is streamed in float64 so that
+hundreds of clients need no more memory than one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from . import protocol as P
+from .codec import CodecError, Layout, decode_state
+
+
+class RejectedReply(ValueError):
+    """A client reply that must not reach the global model."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    state: dict[str, torch.Tensor]  # global layout, float32
+    num_examples: int
+    loss: float
+    seconds: float
+
+
+def example_count(metrics: MetricRecord, max_examples: int) -> int:
+    """The reply's example count, if it is a plausible positive integer."""
+    n = metrics.get(P.NUM_EXAMPLES)
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise RejectedReply(f"{P.NUM_EXAMPLES} must be an integer, got {n!r}")
+    if not 0 < n <= max_examples:
+        raise RejectedReply(f"{P.NUM_EXAMPLES}={n} is outside (0, {max_examples}]")
+    return n
+
+
+def finite_metric(metrics: MetricRecord, key: str) -> float:
+    """A numeric metric (0 when absent); NaN and non-numbers are rejected."""
+    value = metrics.get(key, 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise RejectedReply(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def validate_train_reply(content: RecordDict, layout: Layout, mask_version: int, transport: str,
+                         max_examples: int, max_bytes: int) -> TrainReply:
+    """Decode one training reply into the global layout, or raise :class:`RejectedReply`."""
+    arrays, metrics = content.get(P.ARRAYS), content.get(P.METRICS)
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        raise RejectedReply(f"reply needs an ArrayRecord {P.ARRAYS!r} and a MetricRecord {P.METRICS!r}")
+    n = example_count(metrics, max_examples)
+    if metrics.get(P.MASK_VERSION) != mask_version:
+        raise RejectedReply(f"trained under mask version {metrics.get(P.MASK_VERSION)!r}, expected {mask_version}")
+    try:
+        compact = decode_state(arrays, layout, transport, max_bytes)
+    except CodecError as exc:
+        raise RejectedReply(str(exc)) from None
+    return TrainReply(layout.to_global(compact), n, finite_metric(metrics, P.TRAIN_LOSS),
+                      finite_metric(metrics, P.TRAIN_SECONDS))
+
+
+class WeightedAverage:
+    """Streams Σ w·x / Σ w over state dicts, in float64."""
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+        self.count = 0
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        for name, t in state.items():
+            acc = self._sum.get(name)
+            if acc is None:
+                acc = self._sum[name] = torch.zeros(t.shape, dtype=torch.float64)
+            acc.add_(t.double(), alpha=weight)
+        self.weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.count or self.weight <= 0:
+            raise ValueError("nothing to average")
+        return {n: (t / self.weight).float() for n, t in self._sum.items()}

@@ -1,0 +1,252 @@
+"""The transport codec: what goes on the wire, and strict checks on what comes off it.
+
+Both ends derive a :class:`Layout` from the model structure and the hybrid
+mask. ``sparse`` transport (the default) sends, per prunable weight, only the
+kept values of the compact tensor (removed units are absent, not zero), other
+tensors as compact dense arrays, and the mask as ``numpy.packbits`` bitmaps
+only when the receiver does not have it yet. ``dense`` transport sends
+global-layout masked tensors and bool masks; it exists so that tests and
+benchmarks can show the sparse codec loses nothing.
+
+Every decoder validates names, dtypes, shapes/lengths, finiteness and (dense)
+zeros at pruned coordinates, and raises :class:`CodecError` on any violation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from .masks import HybridMask, remove_units
+from .structure import ModelStructure, kept_entries, scatter, select
+
+TRANSPORTS = ("sparse", "dense")
+ARRAY_HEADER_BYTES = 128  # np.save header of one Flower Array
+
+
+class CodecError(ValueError):
+    """A payload that does not match the layout it claims to follow."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What both ends derive from (structure, mask): compact shapes and masks."""
+
+    structure: ModelStructure
+    mask: HybridMask
+    kept: dict[str, tuple[torch.Tensor | None, ...]]
+    compact_shapes: dict[str, tuple[int, ...]]
+    compact_masks: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(cls, structure: ModelStructure, mask: HybridMask) -> Layout:
+        kept = kept_entries(structure, mask.units)
+        shapes = {}
+        for name, shape in structure.shapes.items():
+            dims = kept.get(name, (None,) * len(shape))
+            shapes[name] = tuple(s if d is None else len(d) for s, d in zip(shape, dims))
+        masks = {n: select(mask.weights[n], kept[n]) if n in kept else mask.weights[n]
+                 for n in structure.prunable}
+        return cls(structure, mask, kept, shapes, masks)
+
+    def kept_values(self) -> int:
+        """Values on the wire per model copy (prunable: kept only; others: compact dense)."""
+        prunable = set(self.structure.prunable)
+        return sum(int(self.compact_masks[n].sum()) if n in prunable else int(np.prod(s))
+                   for n, s in self.compact_shapes.items())
+
+    def analytic_bytes(self, with_mask: bool) -> int:
+        """32 bits per value sent, plus 1 bit per prunable weight when the mask travels."""
+        bits = 32 * self.kept_values()
+        if with_mask:
+            bits += self.structure.num_prunable + sum(g.size for g in self.structure.groups)
+        return (bits + 7) // 8
+
+    def to_compact(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: select(t, self.kept[n]) if n in self.kept else t for n, t in state.items()}
+
+    def to_global(self, compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shapes = self.structure.shapes
+        return {n: scatter(t, self.kept[n], shapes[n]) if n in self.kept else t for n, t in compact.items()}
+
+    def global_masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks in global layout for every tensor that the mask touches."""
+        out = {n: m.clone() for n, m in self.mask.weights.items()}
+        for n in self.kept:
+            out.setdefault(n, torch.ones(self.structure.shapes[n], dtype=torch.bool))
+        remove_units(out, self.structure, self.mask.units)
+        return out
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Bytes that the record's arrays occupy in a Flower message."""
+    return sum(len(a.data) for a in record.values())
+
+
+def _array(values: torch.Tensor | np.ndarray) -> Array:
+    arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    return Array(np.ascontiguousarray(arr))
+
+
+def _take(record: ArrayRecord, name: str, dtype: str, shape: tuple[int, ...], limit: int) -> np.ndarray:
+    """One validated array from a record."""
+    try:
+        array = record[name]
+    except KeyError:
+        raise CodecError(f"missing tensor {name!r}") from None
+    if len(array.data) > limit:
+        raise CodecError(f"{name!r}: payload of {len(array.data)} bytes exceeds {limit}")
+    if array.dtype != dtype or tuple(array.shape) != tuple(shape):
+        raise CodecError(f"{name!r}: expected {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
+    try:
+        value = array.numpy()
+    except Exception as exc:  # a corrupted buffer
+        raise CodecError(f"{name!r}: unreadable array ({exc})") from None
+    if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
+        raise CodecError(f"{name!r}: buffer holds {value.dtype}{list(value.shape)}, header says otherwise")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise CodecError(f"{name!r}: contains NaN or Inf")
+    return value
+
+
+def _check_names(record: ArrayRecord, expected: set[str], what: str) -> None:
+    got = set(record.keys())
+    if got != expected:
+        extra, missing = sorted(got - expected), sorted(expected - got)
+        raise CodecError(f"{what}: unexpected tensors {extra}, missing tensors {missing}")
+
+
+def encode_state(compact: Mapping[str, torch.Tensor], layout: Layout, transport: str = "sparse") -> ArrayRecord:
+    """Serialise a compact-layout state dict (float32) for the wire."""
+    prunable = set(layout.structure.prunable)
+    arrays: dict[str, Array] = {}
+    for name in layout.structure.shapes:
+        t = compact[name].detach().float()
+        if transport == "dense":
+            full = layout.to_global({name: t})[name] if name in layout.kept else t
+            arrays[name] = _array(full)
+        elif name in prunable:
+            arrays[name] = _array(t[layout.compact_masks[name]])
+        else:
+            arrays[name] = _array(t)
+    return ArrayRecord(array_dict=arrays)
+
+
+def decode_state(record: ArrayRecord, layout: Layout, transport: str = "sparse",
+                 max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Validate and deserialise a state from the wire into the compact layout."""
+    structure = layout.structure
+    _check_names(record, set(structure.shapes), "model payload")
+    limit = max_bytes if max_bytes is not None else 2**62
+    prunable = set(structure.prunable)
+    global_masks = layout.global_masks() if transport == "dense" else {}
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in structure.shapes.items():
+        if transport == "dense":
+            value = torch.from_numpy(_take(record, name, "float32", shape, limit).copy())
+            mask = global_masks.get(name)
+            if mask is not None and bool((value[~mask] != 0).any()):
+                raise CodecError(f"{name!r}: non-zero values at pruned coordinates")
+            out[name] = select(value, layout.kept[name]) if name in layout.kept else value
+        elif name in prunable:
+            cmask = layout.compact_masks[name]
+            values = _take(record, name, "float32", (int(cmask.sum()),), limit)
+            full = torch.zeros(cmask.shape, dtype=torch.float32)
+            full[cmask] = torch.from_numpy(values.copy())
+            out[name] = full
+        else:
+            out[name] = torch.from_numpy(_take(record, name, "float32", layout.compact_shapes[name], limit).copy())
+    return out
+
+
+def encode_mask(layout: Layout, transport: str = "sparse") -> ArrayRecord:
+    """The mask for the wire: unit keep-bits plus the compact weight bitmaps."""
+    arrays: dict[str, Array] = {}
+    for name, keep in layout.mask.units.items():
+        bits = keep.numpy().astype(np.uint8) if transport == "dense" else np.packbits(keep.numpy())
+        arrays[f"units/{name}"] = _array(bits)
+    for name in layout.structure.prunable:
+        m = layout.mask.weights[name] if transport == "dense" else layout.compact_masks[name].reshape(-1)
+        arrays[f"weights/{name}"] = _array(m.numpy().astype(np.uint8) if transport == "dense"
+                                           else np.packbits(m.numpy()))
+    return ArrayRecord(array_dict=arrays)
+
+
+def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str = "sparse") -> HybridMask:
+    """Validate and rebuild a global-layout :class:`HybridMask` from the wire."""
+    expected = {f"units/{g.name}" for g in structure.groups} | {f"weights/{n}" for n in structure.prunable}
+    _check_names(record, expected, "mask payload")
+    units = {}
+    for g in structure.groups:
+        key = f"units/{g.name}"
+        if transport == "dense":
+            bits = _take(record, key, "uint8", (g.size,), 2**62)
+        else:
+            packed = _take(record, key, "uint8", ((g.size + 7) // 8,), 2**62)
+            bits = np.unpackbits(packed)[: g.size]
+        if bits.max(initial=0) > 1:
+            raise CodecError(f"{key!r}: mask values must be 0 or 1")
+        units[g.name] = torch.from_numpy(bits.astype(bool))
+        if not bool(units[g.name].any()):
+            raise CodecError(f"{key!r}: a group must keep at least one unit")
+    kept = kept_entries(structure, units)
+    weights = {}
+    for name in structure.prunable:
+        key, shape = f"weights/{name}", structure.shapes[name]
+        if transport == "dense":
+            bits = _take(record, key, "uint8", shape, 2**62)
+            if bits.max(initial=0) > 1:
+                raise CodecError(f"{key!r}: mask values must be 0 or 1")
+            weights[name] = torch.from_numpy(bits.astype(bool))
+            continue
+        dims = kept.get(name, (None,) * len(shape))
+        cshape = tuple(s if d is None else len(d) for s, d in zip(shape, dims))
+        n = int(np.prod(cshape))
+        packed = _take(record, key, "uint8", ((n + 7) // 8,), 2**62)
+        compact = torch.from_numpy(np.unpackbits(packed)[:n].astype(bool)).reshape(cshape)
+        weights[name] = scatter(compact, dims, shape) if name in kept else compact
+    mask = HybridMask(units, weights)
+    # a dense mask must not keep weights of removed units
+    cleared = {n: m.clone() for n, m in weights.items()}
+    remove_units(cleared, structure, units)
+    if any(not torch.equal(cleared[n], weights[n]) for n in weights):
+        raise CodecError("mask payload keeps weights of removed units")
+    return mask
+
+
+def encode_guidance(matrix: Mapping[str, torch.Tensor], precision: str) -> ArrayRecord:
+    """Exploration uplink; float16 is scaled per tensor so that small deviations survive."""
+    arrays = {}
+    for name, t in matrix.items():
+        t = t.detach().float()
+        if precision == "float16":
+            scale = float(t.max()) if t.numel() and float(t.max()) > 0 else 1.0
+            arrays[name] = Array((t / scale).numpy().astype(np.float16))
+            arrays[f"scale/{name}"] = Array(np.array([scale], dtype=np.float32))
+        else:
+            arrays[name] = Array(t.numpy())
+    return ArrayRecord(array_dict=arrays)
+
+
+def decode_guidance(record: ArrayRecord, structure: ModelStructure, precision: str) -> dict[str, torch.Tensor]:
+    """Validate and decode one explorer's guidance matrix (non-negative, finite, right shapes)."""
+    names = set(structure.prunable)
+    if precision == "float16":
+        names |= {f"scale/{n}" for n in structure.prunable}
+    _check_names(record, names, "guidance payload")
+    out = {}
+    for name in structure.prunable:
+        shape = structure.shapes[name]
+        if precision == "float16":
+            values = _take(record, name, "float16", shape, 2**62).astype(np.float32)
+            values = values * _take(record, f"scale/{name}", "float32", (1,), 2**62)[0]
+        else:
+            values = _take(record, name, "float32", shape, 2**62)
+        if (values < 0).any():
+            raise CodecError(f"{name!r}: guidance must be non-negative")
+        out[name] = torch.from_numpy(np.ascontiguousarray(values))
+    return out

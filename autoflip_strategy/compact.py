@@ -1,0 +1,51 @@
+"""The *how* of structured pruning: physically narrower models.
+
+A removed unit is cut out of every tensor it owns, so the client trains a
+model whose Conv/Linear/LSTM layers really are smaller. ``compact_model``
+does the surgery on a copy of the global architecture; the codec's
+:class:`~.codec.Layout` moves state dicts between the two layouts.
+"""
+
+from __future__ import annotations
+
+import copy
+import torch
+from torch import nn
+
+from .structure import select
+
+Kept = dict[str, tuple[torch.Tensor | None, ...]]
+
+
+def _sync_layer_attributes(module: nn.Module) -> None:
+    """Make a layer's size attributes agree with its (sliced) tensors."""
+    if isinstance(module, nn.Conv2d):
+        module.out_channels, module.in_channels = module.weight.shape[:2]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        ref = module.weight if module.weight is not None else module.running_mean
+        module.num_features = ref.shape[0]
+    elif isinstance(module, nn.LSTM):
+        module.hidden_size = module.weight_hh_l0.shape[1]
+        module.input_size = module.weight_ih_l0.shape[1]
+
+
+def compact_model(model: nn.Module, kept: Kept) -> nn.Module:
+    """A deep copy of ``model`` with every removed unit physically cut out."""
+    compact = copy.deepcopy(model)
+    touched = set()
+    for name, dims in kept.items():
+        module_name, attr = name.rsplit(".", 1)
+        module = compact.get_submodule(module_name)
+        old = getattr(module, attr)
+        new = select(old.detach(), dims).clone()
+        if isinstance(old, nn.Parameter):
+            setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module._buffers[attr] = new
+        touched.add(module)
+    for module in touched:
+        _sync_layer_attributes(module)
+    return compact
+

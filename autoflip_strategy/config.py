@@ -1,0 +1,142 @@
+"""Run-config options: one table that parses, validates and documents them.
+
+Flower hands apps a flat ``{kebab-key: value}`` run config. Every key is
+declared once as an :class:`Option` (default, type, range or choices, help),
+so a bad value fails up front with an error that names the key and what it
+accepts, and the README table can be checked against the same list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config value that is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False  # high itself is not allowed
+
+    def parse(self, value: Any) -> Any:
+        kind = type(self.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ConfigError(f"{self.key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{self.key}: {value!r} is not one of {list(self.choices)}")
+        if self.low is not None and value < self.low:
+            raise ConfigError(f"{self.key}: {value!r} is below the minimum {self.low}")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            bound = f"below {self.high}" if self.high_open else f"at most {self.high}"
+            raise ConfigError(f"{self.key}: {value!r} must be {bound}")
+        return value
+
+
+def parse_options(raw: Mapping[str, Any], options: Sequence[Option], strict: bool = True) -> dict[str, Any]:
+    """Validated values for ``options`` (defaults filled in); unknown keys fail when ``strict``."""
+    known = {o.key: o for o in options}
+    if strict:
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}; known keys: {sorted(known)}")
+    return {o.key: o.parse(raw[o.key]) if o.key in raw else o.default for o in options}
+
+
+STRATEGY_OPTIONS: tuple[Option, ...] = (
+    Option("strategy", "autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, or PruneFL-style global magnitude pruning.",
+           choices=("autoflip", "fedavg", "random", "magnitude")),
+    Option("sparsity", 0.5, "Fraction of all prunable weights removed (units and single weights together); final density is 1 - sparsity.",
+           low=0.0, high=1.0, high_open=True),
+    Option("structured-sparsity", 0.2, "Fraction of units (filters, neurons, LSTM units) removed from every prunable layer.",
+           low=0.0, high=1.0, high_open=True),
+    Option("sparsity-initial", 0.5, "Sparsity in round 1 when a ramp is configured (structured sparsity ramps in proportion).",
+           low=0.0, high=1.0, high_open=True),
+    Option("sparsity-ramp-rounds", 0, "Rounds over which sparsity ramps linearly from sparsity-initial to sparsity (0: no ramp).", low=0),
+    Option("regrowth", False, "Allow weights pruned in an earlier round to come back."),
+    Option("explore-fraction", 1.0, "Fraction of available clients that explore before round 1.", low=0.0, high=1.0),
+    Option("explore-epochs", 3, "Maximum local epochs of exploration.", low=1),
+    Option("explore-patience", 1, "Stop exploring after this many epochs without a lower epoch-mean loss.", low=1),
+    Option("explore-weighting", "examples", "Weight local guidance matrices by example count or uniformly.",
+           choices=("examples", "uniform")),
+    Option("guidance-precision", "float32", "Precision of exploration uplink (float16 is scaled per tensor).",
+           choices=("float32", "float16")),
+    Option("guidance-norm", "mean", "Per-tensor normalisation of guidance before the global ranking.",
+           choices=("mean", "max", "none")),
+    Option("guidance-decay", 0.8, "Weight of the previous guidance when the round's updates refresh it.", low=0.0, high=1.0),
+    Option("agreement-weight", 0.5, "How much update-sign agreement across clients scales the refresh (0: ignore).",
+           low=0.0, high=1.0),
+    Option("fraction-train", 0.5, "Fraction of available clients sampled each round.", low=0.0, high=1.0, high_open=False),
+    Option("min-train-nodes", 2, "Minimum clients sampled per round.", low=1),
+    Option("min-train-replies", 1, "Minimum valid replies for a round to update the model (else it keeps the old one).", low=1),
+    Option("fraction-evaluate", 0.0, "Fraction of clients that evaluate the global model on their data each round (0: central only).",
+           low=0.0, high=1.0),
+    Option("min-available-nodes", 2, "Wait for this many connected clients before starting.", low=1),
+    Option("transport", "sparse", "Wire format: kept values + bitmaps (sparse) or masked dense tensors (dense, for checks).",
+           choices=("sparse", "dense")),
+    Option("max-examples", 10_000_000, "Replies claiming more examples than this are rejected.", low=1),
+    Option("max-payload-mb", 512.0, "Replies with an array larger than this are rejected.", low=0.0),
+    Option("round-timeout", 3600.0, "Seconds to wait for replies in each stage.", low=0.0),
+    Option("seed", 0, "Seed for client sampling, random masks and client training.", low=0),
+)
+
+
+@dataclass(frozen=True)
+class AutoFLIPConfig:
+    """The strategy's settings; field ``x_y`` is run-config key ``x-y``."""
+
+    strategy: str = "autoflip"
+    sparsity: float = 0.5
+    structured_sparsity: float = 0.2
+    sparsity_initial: float = 0.5
+    sparsity_ramp_rounds: int = 0
+    regrowth: bool = False
+    explore_fraction: float = 1.0
+    explore_epochs: int = 3
+    explore_patience: int = 1
+    explore_weighting: str = "examples"
+    guidance_precision: str = "float32"
+    guidance_norm: str = "mean"
+    guidance_decay: float = 0.8
+    agreement_weight: float = 0.5
+    fraction_train: float = 0.5
+    min_train_nodes: int = 2
+    min_train_replies: int = 1
+    fraction_evaluate: float = 0.0
+    min_available_nodes: int = 2
+    transport: str = "sparse"
+    max_examples: int = 10_000_000
+    max_payload_mb: float = 512.0
+    round_timeout: float = 3600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        parse_options(values, STRATEGY_OPTIONS)
+        if self.sparsity_ramp_rounds > 0 and self.sparsity_initial > self.sparsity:
+            raise ConfigError("sparsity-initial: must not exceed sparsity when a ramp is configured")
+
+    @classmethod
+    def from_run_config(cls, raw: Mapping[str, Any]) -> AutoFLIPConfig:
+        """Pick and validate this strategy's keys out of a (larger) run config."""
+        values = parse_options({k: v for k, v in raw.items() if k in _KEYS}, STRATEGY_OPTIONS)
+        if "sparsity-initial" not in raw:
+            values["sparsity-initial"] = values["sparsity"]
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    @property
+    def prunes(self) -> bool:
+        return self.strategy != "fedavg"
+
+
+_KEYS = {o.key for o in STRATEGY_OPTIONS}

@@ -1,0 +1,169 @@
+"""The *which*: the hybrid mask, computed from per-weight scores.
+
+Structured part: each unit group (see :mod:`.structure`) is scored by the mean
+score of its units' fan-in weights, and the lowest ``structured_sparsity``
+fraction of units in every group is removed. Unstructured part: among the
+weights that remain, one global ranking keeps the highest-scoring weights
+until the total density (units and single weights together) is
+``1 - sparsity``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .structure import ModelStructure, UnitGroup
+
+
+@dataclass(frozen=True)
+class HybridMask:
+    """Keep-vectors per unit group and keep-masks per prunable weight (global shapes).
+
+    ``weights`` already has the rows/columns of removed units cleared, so it is
+    the complete answer for prunable weights; :func:`tensor_masks` adds the
+    biases and norm channels that removed units take with them.
+    """
+
+    units: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+
+    def density(self) -> float:
+        kept = sum(int(m.sum()) for m in self.weights.values())
+        total = sum(m.numel() for m in self.weights.values())
+        return kept / total if total else 1.0
+
+    def equals(self, other: HybridMask | None) -> bool:
+        if other is None or self.units.keys() != other.units.keys() or self.weights.keys() != other.weights.keys():
+            return False
+        return all(torch.equal(v, other.units[k]) for k, v in self.units.items()) and all(
+            torch.equal(v, other.weights[k]) for k, v in self.weights.items()
+        )
+
+
+def dense_mask(structure: ModelStructure) -> HybridMask:
+    """The mask that keeps everything (FedAvg)."""
+    return HybridMask(
+        {g.name: torch.ones(g.size, dtype=torch.bool) for g in structure.groups},
+        {n: torch.ones(structure.shapes[n], dtype=torch.bool) for n in structure.prunable},
+    )
+
+
+def scheduled_sparsity(server_round: int, initial: float, final: float, ramp_rounds: int) -> float:
+    """Linear ramp from ``initial`` (round 1) to ``final`` (round ``ramp_rounds`` and later)."""
+    if ramp_rounds <= 1 or server_round >= ramp_rounds:
+        return final
+    progress = (max(server_round, 1) - 1) / (ramp_rounds - 1)
+    return initial + (final - initial) * progress
+
+
+def _unit_view(tensor: torch.Tensor, group: UnitGroup, member) -> torch.Tensor:
+    """Reshape so that dim 1 indexes the group's units: (chunks, units, block * rest)."""
+    moved = tensor.movedim(member.dim, 0)
+    return moved.reshape(member.chunks, group.size, -1)
+
+
+def unit_scores(scores: Mapping[str, torch.Tensor], structure: ModelStructure) -> dict[str, torch.Tensor]:
+    """Mean score of each unit's fan-in weights (averaged over the group's fan-in tensors)."""
+    out = {}
+    for group in structure.groups:
+        parts = [
+            _unit_view(scores[m.tensor], group, m).mean(dim=(0, 2))
+            for m in group.members
+            if m.fan_in and m.tensor in scores
+        ]
+        out[group.name] = torch.stack(parts).mean(0) if parts else torch.zeros(group.size)
+    return out
+
+
+def remove_units(mask_tensors: dict[str, torch.Tensor], structure: ModelStructure,
+                 units: Mapping[str, torch.Tensor]) -> None:
+    """Clear, in place, every entry that a removed unit owns in the given tensors."""
+    for group in structure.groups:
+        keep = units.get(group.name)
+        if keep is None or bool(keep.all()):
+            continue
+        removed = torch.nonzero(~keep).flatten()
+        for member in group.members:
+            if member.tensor in mask_tensors:
+                index = group.entries(member, removed)
+                mask_tensors[member.tensor].index_fill_(member.dim, index, False)
+
+
+def tensor_masks(mask: HybridMask, structure: ModelStructure) -> dict[str, torch.Tensor]:
+    """Keep-masks for every tensor the mask touches: prunable weights plus coupled biases/norms."""
+    out = {n: m.clone() for n, m in mask.weights.items()}
+    for group in structure.groups:
+        for member in group.members:
+            out.setdefault(member.tensor, torch.ones(structure.shapes[member.tensor], dtype=torch.bool))
+    remove_units(out, structure, mask.units)
+    return out
+
+
+def _choose_units(score: torch.Tensor, n_remove: int, forced: torch.Tensor | None) -> torch.Tensor:
+    """Keep-vector removing ``n_remove`` units: forced removals first, then lowest scores."""
+    score = score.clone().double()
+    if forced is not None:
+        score[forced] = -math.inf
+        n_remove = max(n_remove, int(forced.sum()))
+    order = torch.sort(score, stable=True).indices
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep[order[:n_remove]] = False
+    return keep
+
+
+def compute_hybrid_mask(
+    scores: Mapping[str, torch.Tensor],
+    structure: ModelStructure,
+    sparsity: float,
+    structured_sparsity: float,
+    previous: HybridMask | None = None,
+    regrowth: bool = False,
+) -> HybridMask:
+    """The global hybrid mask for per-weight ``scores`` (higher = more important).
+
+    ``sparsity`` is the fraction of all prunable weights removed in total;
+    ``structured_sparsity`` the fraction of units removed from each group
+    (at least one unit always survives). Without ``regrowth`` nothing that
+    ``previous`` pruned comes back.
+    """
+    sticky = previous is not None and not regrowth
+    unit_score = unit_scores(scores, structure)
+    units = {}
+    for group in structure.groups:
+        n_remove = min(int(math.floor(structured_sparsity * group.size + 1e-9)), group.size - 1)
+        forced = ~previous.units[group.name] if sticky else None
+        units[group.name] = _choose_units(unit_score[group.name], n_remove, forced)
+
+    candidates = {n: torch.ones(structure.shapes[n], dtype=torch.bool) for n in structure.prunable}
+    remove_units(candidates, structure, units)
+    if sticky:
+        candidates = {n: c & previous.weights[n] for n, c in candidates.items()}
+
+    names = list(structure.prunable)
+    flat_candidates = torch.cat([candidates[n].reshape(-1) for n in names])
+    target = int(round((1.0 - sparsity) * flat_candidates.numel()))
+    if int(flat_candidates.sum()) > target:
+        flat_scores = torch.cat([scores[n].reshape(-1).double() for n in names])
+        flat_scores = torch.where(flat_candidates, flat_scores, torch.tensor(-math.inf, dtype=torch.float64))
+        order = torch.sort(flat_scores, descending=True, stable=True).indices
+        flat_keep = torch.zeros_like(flat_candidates)
+        flat_keep[order[:target]] = True
+    else:
+        flat_keep = flat_candidates
+    weights, offset = {}, 0
+    for n in names:
+        size = candidates[n].numel()
+        weights[n] = flat_keep[offset:offset + size].reshape(candidates[n].shape).clone()
+        offset += size
+    return HybridMask(units, weights)
+
+
+def apply_mask(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero, in place, every masked-out coordinate of ``state``."""
+    with torch.no_grad():
+        for name, m in masks.items():
+            state[name].mul_(m.to(state[name].dtype))

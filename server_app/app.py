@@ -1,0 +1,81 @@
+"""The reference ServerApp: builds θ₀ and the AutoFLIP strategy, evaluates centrally, writes results.
+
+Each run writes ``<output-dir>/<run-name>/results.json`` after every stage
+(atomically), so a crashed or killed run still leaves what it learned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from autoflip_strategy import AutoFLIP, AutoFLIPConfig
+from autoflip_task.config import app_config, model_name
+from autoflip_task.data import load_federated_data
+from autoflip_task.models import build_model, example_input
+from autoflip_task.training import evaluate
+
+app = ServerApp()
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def progress_line(r: dict[str, Any]) -> str:
+    acc = "  -  " if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    return (f"[{r['phase']:>7} {r['round']:>3}] acc {acc} density {r['density']:.3f} "
+            f"down {r['bytes_down'] / 1e6:7.3f} MB up {r['bytes_up'] / 1e6:7.3f} MB "
+            f"flops {r['train_flops'] / 1e9:8.3f} G replies {len(r['replied'])}/{len(r['sampled'])} "
+            f"{r['seconds']:.1f}s")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = app_config(context.run_config)
+    data = load_federated_data(cfg["dataset"], cfg["data-dir"], cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    name = model_name(cfg)
+    model = build_model(name, data.input_shape, data.num_classes)
+    test_x, test_y = data.test_x[: cfg["max-eval-examples"]], data.test_y[: cfg["max-eval-examples"]]
+
+    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}"
+    out_dir = Path(cfg["output-dir"]).resolve() / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"status": "running", "config": cfg, "model": name, "rounds": []}
+
+    def on_round(record: dict[str, Any]) -> None:
+        results["rounds"].append(record)
+        write_json(out_dir / "results.json", results)
+        print(progress_line(record), flush=True)
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        loss, acc = evaluate(model, test_x, test_y)
+        return MetricRecord({"loss": loss, "accuracy": acc})
+
+    strategy = AutoFLIP(
+        build_model(name, data.input_shape, data.num_classes),
+        example_input(data.input_shape, data.num_classes),
+        AutoFLIPConfig.from_run_config(cfg),
+        train_config={"local-epochs": cfg["local-epochs"]},
+        on_round=on_round,
+    )
+    results["structure"] = {g.name: g.size for g in strategy.structure.groups}
+    print(f"AutoFLIP run {run_name}: writing {out_dir / 'results.json'}", flush=True)
+    result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
+                            evaluate_fn=central_evaluation)
+    torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
+    results["status"] = "completed"
+    write_json(out_dir / "results.json", results)
+    print(f"AutoFLIP run finished: {out_dir / 'results.json'}", flush=True)
