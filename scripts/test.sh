@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install, then run the default test suite (unit + real Flower runs; slow runs excluded).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,62 @@
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from autoflip_strategy.config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError
+from autoflip_task.config import ALL_OPTIONS, app_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("sparsity", 1.5, ["sparsity", "below 1.0"]),
+    ("sparsity", -0.1, ["sparsity", "minimum"]),
+    ("strategy", "foo", ["strategy", "'autoflip'", "'fedavg'", "'random'", "'magnitude'"]),
+    ("dataset", "imagenet", ["dataset", "'digits'", "'mnist'"]),
+    ("partitioning", "zipf", ["partitioning", "'dirichlet'"]),
+    ("num-server-rounds", 0, ["num-server-rounds"]),
+    ("explore-epochs", 2.5, ["explore-epochs", "expected int"]),
+    ("regrowth", "yes", ["regrowth", "expected bool"]),
+    ("transport", "gzip", ["transport", "'sparse'", "'dense'"]),
+    ("learning-rate", "fast", ["learning-rate", "expected float"]),
+])
+def test_bad_values_name_the_key_and_what_it_accepts(key, value, words):
+    with pytest.raises(ConfigError) as err:
+        app_config({key: value})
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_keys_are_rejected_with_the_known_keys():
+    with pytest.raises(ConfigError, match="spars1ty"):
+        app_config({"spars1ty": 0.5})
+
+
+def test_defaults_and_int_to_float():
+    cfg = app_config({"sparsity": 0})  # TOML may hand ints where floats are meant
+    assert cfg["sparsity"] == 0.0 and cfg["sparsity-initial"] == 0.0
+    assert app_config({})["dataset"] == "digits"
+
+
+def test_ramp_start_above_target_is_rejected():
+    with pytest.raises(ConfigError, match="sparsity-initial"):
+        AutoFLIPConfig(sparsity=0.3, sparsity_initial=0.6, sparsity_ramp_rounds=5)
+
+
+def test_dataclass_defaults_match_the_option_table():
+    defaults = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(AutoFLIPConfig)}
+    assert defaults == {o.key: o.default for o in STRATEGY_OPTIONS}
+    assert AutoFLIPConfig.from_run_config({"sparsity": 0.7, "dataset": "x"}).sparsity_initial == 0.7
+
+
+def test_pyproject_declares_every_key_with_the_code_default():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == {o.key: o.default for o in ALL_OPTIONS}
+
+
+def test_readme_documents_every_key_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    for o in ALL_OPTIONS:
+        assert f"`{o.key}`" in readme, o.key

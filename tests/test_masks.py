@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from autoflip_strategy.masks import (
+    apply_mask,
+    compute_hybrid_mask,
+    dense_mask,
+    scheduled_sparsity,
+    tensor_masks,
+    unit_scores,
+)
+from autoflip_strategy.structure import ModelStructure, Member, UnitGroup, discover_structure
+from models_under_test import ALL, cnn
+
+
+def tiny_structure():
+    """Two linear layers: a (4 -> 3 units), b (3 -> 2 outputs); a's units feed b's columns."""
+    group = UnitGroup("a", 3, (Member("a.weight", 0, fan_in=True), Member("a.bias", 0), Member("b.weight", 1)))
+    shapes = {"a.weight": (3, 4), "a.bias": (3,), "b.weight": (2, 3), "b.bias": (2,)}
+    return ModelStructure((group,), ("a.weight", "b.weight"), shapes)
+
+
+def test_unstructured_quantile_keeps_the_top_scores_globally():
+    s = tiny_structure()
+    scores = {"a.weight": torch.arange(12.0).reshape(3, 4), "b.weight": torch.tensor([[100.0, 0.5, 0.5], [0.5, 0.5, 0.5]])}
+    mask = compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0)
+    assert mask.units["a"].all()
+    assert int(mask.weights["a.weight"].sum()) + int(mask.weights["b.weight"].sum()) == 9  # 18 * 0.5
+    # the 9 highest scores: 100 and a.weight values 4..11
+    assert mask.weights["b.weight"].tolist() == [[True, False, False], [False, False, False]]
+    assert mask.weights["a.weight"].reshape(-1).tolist() == [False] * 4 + [True] * 8
+    assert mask.density() == pytest.approx(0.5)
+
+
+def test_structured_removes_lowest_fan_in_units_and_their_consumers():
+    s = tiny_structure()
+    scores = {"a.weight": torch.tensor([[5.0] * 4, [0.1] * 4, [3.0] * 4]), "b.weight": torch.ones(2, 3)}
+    mask = compute_hybrid_mask(scores, s, sparsity=0.3, structured_sparsity=0.34)
+    assert mask.units["a"].tolist() == [True, False, True]
+    assert not mask.weights["a.weight"][1].any() and not mask.weights["b.weight"][:, 1].any()
+    full = tensor_masks(mask, s)
+    assert full["a.bias"].tolist() == [True, False, True]
+    state = {"a.weight": torch.ones(3, 4), "a.bias": torch.ones(3), "b.weight": torch.ones(2, 3), "b.bias": torch.ones(2)}
+    apply_mask(state, full)
+    assert state["a.bias"][1] == 0 and state["b.weight"][:, 1].abs().sum() == 0 and state["b.bias"].sum() == 2
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("sparsity,structured", [(0.5, 0.2), (0.8, 0.3), (0.3, 0.0)])
+def test_density_hits_the_target_for_every_model(name, sparsity, structured):
+    model, x = ALL[name]()
+    s = discover_structure(model, x)
+    torch.manual_seed(0)
+    scores = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    mask = compute_hybrid_mask(scores, s, sparsity, structured)
+    assert mask.density() == pytest.approx(1 - sparsity, abs=1e-3)
+    for g in s.groups:
+        removed = g.size - int(mask.units[g.name].sum())
+        assert removed == min(int(structured * g.size + 1e-9), g.size - 1)
+
+
+def test_pruned_weights_stay_pruned_unless_regrowth():
+    model, x = cnn()
+    s = discover_structure(model, x)
+    torch.manual_seed(1)
+    first = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, 0.5, 0.2)
+    other_scores = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    sticky = compute_hybrid_mask(other_scores, s, 0.6, 0.25, previous=first)
+    for n in s.prunable:
+        assert not (sticky.weights[n] & ~first.weights[n]).any()
+    for g in s.groups:
+        assert not (sticky.units[g.name] & ~first.units[g.name]).any()
+    regrown = compute_hybrid_mask(other_scores, s, 0.6, 0.25, previous=first, regrowth=True)
+    assert any((regrown.weights[n] & ~first.weights[n]).any() for n in s.prunable)
+    assert sticky.density() == pytest.approx(0.4, abs=1e-3)
+
+
+def test_unit_scores_average_fan_in_rows():
+    s = tiny_structure()
+    scores = {"a.weight": torch.tensor([[1.0, 3.0, 1.0, 3.0], [0.0] * 4, [4.0] * 4]), "b.weight": torch.zeros(2, 3)}
+    assert unit_scores(scores, s)["a"].tolist() == [2.0, 0.0, 4.0]
+
+
+def test_schedule_ramps_linearly_then_holds():
+    assert scheduled_sparsity(1, 0.1, 0.5, 5) == pytest.approx(0.1)
+    assert scheduled_sparsity(3, 0.1, 0.5, 5) == pytest.approx(0.3)
+    assert scheduled_sparsity(5, 0.1, 0.5, 5) == pytest.approx(0.5)
+    assert scheduled_sparsity(9, 0.1, 0.5, 5) == pytest.approx(0.5)
+    assert scheduled_sparsity(1, 0.1, 0.5, 0) == pytest.approx(0.5)
+
+
+def test_dense_mask_keeps_everything():
+    model, x = cnn()
+    s = discover_structure(model, x)
+    m = dense_mask(s)
+    assert m.density() == 1.0 and all(v.all() for v in m.units.values())
+    assert m.equals(dense_mask(s)) and not m.equals(None)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from torch import nn
+
+from autoflip_strategy.structure import (
+    UnsupportedModelError,
+    discover_structure,
+    kept_entries,
+    scatter,
+    select,
+    structure_from_json,
+    structure_to_json,
+)
+from models_under_test import cnn, lstm, resnet
+
+
+def members(structure, group):
+    return {(m.tensor, m.dim, m.chunks, m.block, m.fan_in) for m in structure.group(group).members}
+
+
+def test_cnn_units_follow_flatten_into_linear():
+    model, x = cnn()
+    s = discover_structure(model, x)
+    assert [g.name for g in s.groups] == ["conv1", "conv2", "fc1"]  # fc2 outputs are never removed
+    assert members(s, "conv1") == {("conv1.weight", 0, 1, 1, True), ("conv1.bias", 0, 1, 1, False),
+                                   ("conv2.weight", 1, 1, 1, False)}
+    # conv2 on an 8x8 input is pooled to 2x2: each filter owns 4 consecutive fc1 inputs
+    assert ("fc1.weight", 1, 1, 4, False) in members(s, "conv2")
+    assert s.prunable == ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
+
+
+def test_resnet_residual_channels_and_batchnorm_are_coupled():
+    model, x = resnet()
+    s = discover_structure(model, x)
+    stem = {m[0] for m in members(s, "conv1")}
+    # the stem's channels are added to block 0's output: both convs and all their BNs go together
+    assert {"conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+            "layers.0.conv2.weight", "layers.0.bn2.weight", "layers.1.shortcut.0.weight",
+            "layers.1.conv1.weight"} <= stem
+    inner = members(s, "layers.0.conv1")
+    assert ("layers.0.conv2.weight", 1, 1, 1, False) in inner
+    assert ("layers.0.bn1.running_var", 0, 1, 1, False) in inner
+    assert "fc" not in [g.name for g in s.groups]
+
+
+def test_lstm_hidden_units_span_four_gates_and_consumers():
+    model, x = lstm()
+    s = discover_structure(model, x)
+    assert [g.name for g in s.groups] == ["lstm1", "lstm2"]
+    assert members(s, "lstm1") == {
+        ("lstm1.weight_ih_l0", 0, 4, 1, True), ("lstm1.weight_hh_l0", 0, 4, 1, True),
+        ("lstm1.weight_hh_l0", 1, 1, 1, False), ("lstm1.bias_ih_l0", 0, 4, 1, False),
+        ("lstm1.bias_hh_l0", 0, 4, 1, False), ("lstm2.weight_ih_l0", 1, 1, 1, False)}
+    assert ("fc.weight", 1, 1, 1, False) in members(s, "lstm2")
+    assert "embedding.weight" not in s.prunable
+
+
+def test_unit_entries_cover_gates_and_blocks():
+    model, x = lstm()
+    g = discover_structure(model, x).group("lstm1")
+    gate_member = next(m for m in g.members if m.chunks == 4)
+    assert g.entries(gate_member, torch.tensor([1])).tolist() == [1, 33, 65, 97]
+    model, x = cnn()
+    g = discover_structure(model, x).group("conv2")
+    flat = next(m for m in g.members if m.block == 4)
+    assert g.entries(flat, torch.tensor([2])).tolist() == [8, 9, 10, 11]
+
+
+def test_kept_entries_select_and_scatter_round_trip():
+    model, x = cnn()
+    s = discover_structure(model, x)
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[[0, 5]] = False
+    kept = kept_entries(s, {"conv2": keep})
+    assert set(kept) == {"conv2.weight", "conv2.bias", "fc1.weight"}
+    assert kept["fc1.weight"][0] is None and len(kept["fc1.weight"][1]) == 62 * 4
+    w = model.fc1.weight.detach()
+    compact = select(w, kept["fc1.weight"])
+    assert compact.shape == (512, 248)
+    back = scatter(compact, kept["fc1.weight"], tuple(w.shape))
+    assert torch.equal(back[:, 0:4], torch.zeros(512, 4))  # unit 0
+    assert torch.equal(back[:, 20:24], torch.zeros(512, 4))  # unit 5
+    assert torch.equal(back[:, 4:20], w[:, 4:20])
+
+
+def test_json_round_trip_and_rejects_inconsistent_structure():
+    model, x = resnet()
+    s = discover_structure(model, x)
+    assert structure_from_json(structure_to_json(s)) == s
+    bad = structure_to_json(s).replace('"layers.0.conv1",16', '"layers.0.conv1",15')
+    with pytest.raises(ValueError, match="malformed"):
+        structure_from_json(bad)
+    with pytest.raises(ValueError, match="malformed"):
+        structure_from_json("{not json")
+
+
+def test_grouped_convolution_units_are_left_intact():
+    class Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+            self.dw = nn.Conv2d(8, 8, 3, groups=8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.dw(self.a(x)).mean((2, 3)))
+
+    s = discover_structure(Depthwise(), torch.randn(2, 3, 9, 9))
+    # a's filters are coupled to a depthwise conv we cannot slice: that group is skipped, not mangled
+    assert all("dw" not in m.tensor for g in s.groups for m in g.members)
+    assert "a" not in [g.name for g in s.groups]
+
+
+def test_stacked_lstm_is_rejected_with_a_clear_message():
+    with pytest.raises(UnsupportedModelError, match="single-layer"):
+        from autoflip_strategy.structure import _layer_members
+
+        _layer_members("rnn", nn.LSTM(4, 8, num_layers=2), True, 1)
