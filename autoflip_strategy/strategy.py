@@ -17,10 +17,13 @@ One round, as the server sees it:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ from . import protocol as P
 from .aggregation import (RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric,
                           validate_train_reply)
 from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_state, record_nbytes
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import AutoFLIPConfig
 from .costs import masked_flops, training_flops_per_example
 from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, scheduled_sparsity
@@ -62,6 +66,9 @@ class AutoFLIP(Strategy):
         Called with each round's record as soon as it is complete.
     ignored_layers : tuple of str
         Module names whose units are never removed.
+    checkpoint : path, optional
+        Where to write the strategy's state after every round (atomically).
+        ``start(..., resume=True)`` continues from it.
     """
 
     def __init__(
@@ -72,8 +79,10 @@ class AutoFLIP(Strategy):
         train_config: Mapping[str, Any] | None = None,
         on_round: RoundCallback | None = None,
         ignored_layers: tuple[str, ...] = (),
+        checkpoint: str | Path | None = None,
     ) -> None:
         self.config = config or AutoFLIPConfig()
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.train_config = dict(train_config or {})
         self.on_round = on_round
         self.structure: ModelStructure = discover_structure(model, example_input, ignored_layers)
@@ -185,7 +194,8 @@ class AutoFLIP(Strategy):
             {"partition": self.partitions.get(node, -1), "node": node, "reason": reason})
 
     def _replies(self, sent: list[Message], replies: Iterable[Message]) -> list[Message]:
-        """Replies that carry content; errors and missing replies are recorded as dropped."""
+        """Replies that carry content, in partition order (so aggregation is reproducible);
+        errors and missing replies are recorded as dropped."""
         got, ok = set(), []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -197,7 +207,7 @@ class AutoFLIP(Strategy):
         for msg in sent:
             if msg.metadata.dst_node_id not in got:
                 self._note_failure("dropped", msg.metadata.dst_node_id, "no reply before the timeout")
-        return ok
+        return sorted(ok, key=lambda m: (self.partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
 
     # --------------------------------------------------------------- stage 0
     def explore(self, grid: Grid) -> None:
@@ -341,6 +351,37 @@ class AutoFLIP(Strategy):
             count += n
         return MetricRecord({k: v / count for k, v in totals.items()}) if count else None
 
+    # ------------------------------------------------------------- checkpoint
+    def checkpoint_state(self, server_round: int) -> dict[str, Any]:
+        """Everything needed to continue after ``server_round`` (tensors and JSON only)."""
+        return {
+            "round": server_round,
+            "config": json.dumps(asdict(self.config), sort_keys=True),
+            "state": self.state,
+            "mask_units": self.mask.units,
+            "mask_weights": self.mask.weights,
+            "mask_version": self.mask_version,
+            "scores": self.scores if self.scores is not None else {},
+            "history": json.dumps(self.history),
+        }
+
+    def load_checkpoint_state(self, payload: Mapping[str, Any]) -> int:
+        """Restore :meth:`checkpoint_state`; returns the last completed round."""
+        saved, mine = json.loads(payload["config"]), asdict(self.config)
+        differs = sorted(k for k in mine if k != "round_timeout" and saved.get(k) != mine[k])
+        if differs:
+            raise ValueError(f"checkpoint was written with other settings for {differs}")
+        if set(payload["state"]) != set(self.structure.shapes):
+            raise ValueError("checkpoint does not match the model's tensors")
+        self.state = {n: t.float() for n, t in payload["state"].items()}
+        self.mask = HybridMask(dict(payload["mask_units"]), dict(payload["mask_weights"]))
+        self.mask_version = int(payload["mask_version"])
+        self.layout = Layout.build(self.structure, self.mask)
+        self.scores = dict(payload["scores"]) or None
+        self.history = json.loads(payload["history"])
+        self.delivered = {}  # node ids and client state do not survive a restart: resend masks
+        return int(payload["round"])
+
     # ------------------------------------------------------------------ driver
     def _finish_round(self, evaluation: MetricRecord | None, federated: MetricRecord | None) -> dict[str, Any]:
         r = self._round
@@ -358,6 +399,8 @@ class AutoFLIP(Strategy):
                     "client_train_seconds"):
             record[f"cum_{key}"] = previous.get(f"cum_{key}", 0) + record[key]
         self.history.append(record)
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, self.checkpoint_state(record["round"]))
         if self.on_round:
             self.on_round(record)
         return record
@@ -371,8 +414,12 @@ class AutoFLIP(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        resume: bool = False,
     ) -> Result:
-        """Stage 0 (exploration, AutoFLIP only), then ``num_rounds`` pruned FL rounds."""
+        """Stage 0 (exploration, AutoFLIP only), then ``num_rounds`` pruned FL rounds.
+
+        With ``resume`` and an existing checkpoint, continue after its last round.
+        """
         if timeout is not None:
             self.config = type(self.config)(**{**self.config.__dict__, "round_timeout": float(timeout)})
         if train_config is not None:
@@ -386,15 +433,20 @@ class AutoFLIP(Strategy):
         self.summary()
         result = Result()
 
-        self._new_round(0, "explore" if self.config.strategy == "autoflip" else "init")
-        if self.config.strategy == "autoflip":
-            self.explore(grid)
-        evaluation = evaluate_fn(0, self.global_arrays()) if evaluate_fn else None
-        if evaluation is not None:
-            result.evaluate_metrics_serverapp[0] = evaluation
-        self._finish_round(evaluation, None)
+        done = -1
+        if resume and self.checkpoint is not None and self.checkpoint.exists():
+            done = self.load_checkpoint_state(load_checkpoint(self.checkpoint))
+            log(INFO, "Resuming after round %d from %s", done, self.checkpoint)
+        if done < 0:
+            self._new_round(0, "explore" if self.config.strategy == "autoflip" else "init")
+            if self.config.strategy == "autoflip":
+                self.explore(grid)
+            evaluation = evaluate_fn(0, self.global_arrays()) if evaluate_fn else None
+            if evaluation is not None:
+                result.evaluate_metrics_serverapp[0] = evaluation
+            self._finish_round(evaluation, None)
 
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(max(done, 0) + 1, num_rounds + 1):
             self._new_round(server_round, "train")
             self._update_mask(server_round)
             sent = list(self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid))

@@ -1,0 +1,196 @@
+"""The strategy end to end through real ClientApp handlers (in-process grid, see inprocess_grid.py)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+from autoflip_strategy import AutoFLIP, AutoFLIPConfig
+from autoflip_strategy import protocol as P
+from autoflip_task.data import load_federated_data
+from autoflip_task.models import build_model, example_input
+from autoflip_task.training import evaluate
+from client_app.app import app as client_app
+from inprocess_grid import InProcessGrid
+
+SHAPE = (1, 8, 8)
+
+
+def theta0():
+    torch.manual_seed(0)
+    return ArrayRecord(build_model("cnn", SHAPE, 10).state_dict())
+
+
+def central_eval():
+    data = load_federated_data("digits")
+    model = build_model("cnn", SHAPE, 10)
+
+    def fn(_round, arrays):
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        loss, acc = evaluate(model, data.test_x, data.test_y)
+        return MetricRecord({"loss": loss, "accuracy": acc})
+
+    return fn
+
+
+def run(rounds=3, nodes=6, faults=None, evaluate_fn=None, checkpoint=None, resume=False, **cfg):
+    cfg = {"explore_epochs": 1, "fraction_train": 0.5, **cfg}
+    grid = InProcessGrid(client_app, nodes, {"local-epochs": 1}, faults=faults)
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), AutoFLIPConfig(**cfg),
+                        train_config={"local-epochs": 1}, checkpoint=checkpoint)
+    result = strategy.start(grid, theta0(), num_rounds=rounds, evaluate_fn=evaluate_fn, resume=resume)
+    return strategy, result, grid
+
+
+def test_pruned_run_hits_density_and_keeps_pruned_coordinates_zero():
+    strategy, result, grid = run(rounds=3, sparsity=0.6, structured_sparsity=0.2)
+    h = strategy.history
+    assert [r["phase"] for r in h] == ["explore", "train", "train", "train"]
+    assert h[-1]["density"] == pytest.approx(0.4, abs=0.02)
+    final = result.arrays.to_torch_state_dict()
+    for name, keep in strategy.layout.global_masks().items():
+        assert torch.count_nonzero(final[name][~keep]) == 0, name
+    # the exploration stage reached every node; training sampled half of them each round
+    assert sum(1 for _, t in grid.delivered if t == P.EXPLORE) == 6
+    assert all(len(r["sampled"]) == 3 for r in h[1:])
+    # the mask travels once per node and mask version, not every round
+    sent = sum(r["masks_sent"] for r in h[1:])
+    assert sent == len({p for r in h[1:] for p in r["sampled"]})
+    assert h[1]["bytes_up"] < 0.5 * h[0]["bytes_down"] / 6 * 3
+
+
+def test_sparse_codec_and_dense_transport_give_bit_identical_models():
+    _, sparse, _ = run(rounds=2, transport="sparse")
+    _, dense, _ = run(rounds=2, transport="dense")
+    a, b = sparse.arrays.to_torch_state_dict(), dense.arrays.to_torch_state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_baselines_share_sampling_and_fedavg_does_not_prune():
+    fedavg, _, _ = run(rounds=2, strategy="fedavg")
+    rnd, _, _ = run(rounds=2, strategy="random")
+    auto, _, _ = run(rounds=2, strategy="autoflip")
+    assert [r["sampled"] for r in fedavg.history[1:]] == [r["sampled"] for r in auto.history[1:]]
+    assert [r["sampled"] for r in rnd.history[1:]] == [r["sampled"] for r in auto.history[1:]]
+    assert fedavg.history[-1]["density"] == 1.0 and fedavg.history[0]["bytes_up"] == 0
+    assert rnd.history[-1]["density"] == pytest.approx(0.5, abs=0.01)
+    assert not rnd.mask.equals(auto.mask)
+    # same sampled clients and epochs: analytic training FLOPs scale with the kept structure
+    assert fedavg.history[-1]["train_flops"] > 1.5 * auto.history[-1]["train_flops"]
+
+
+def _tamper(kind):
+    """A fault that replaces partition 0's round-1 training reply with a malformed one."""
+
+    def fault(partition, msg, reply):
+        if partition != 0 or msg.metadata.message_type != "train" or reply is None or reply.has_error():
+            return reply
+        if kind == "silence":
+            return None
+        content = reply.content
+        arrays, metrics = content[P.ARRAYS], dict(content[P.METRICS])
+        arrays = ArrayRecord(array_dict={k: arrays[k] for k in arrays.keys()})
+        name = "fc1.weight"
+        good = arrays[name].numpy()
+        if kind == "nan":
+            arrays[name] = Array(np.full_like(good, np.nan))
+        elif kind == "inf":
+            arrays[name] = Array(np.full_like(good, np.inf))
+        elif kind == "wrong-shape":
+            arrays[name] = Array(good[:-5])
+        elif kind == "wrong-tensors":
+            arrays["extra.weight"] = Array(good)
+        elif kind == "oversized":
+            arrays[name] = Array(np.zeros(50_000_000 // 4, dtype=np.float32))
+        elif kind == "pruned-nonzero":  # dense transport: values where the mask says zero
+            arrays[name] = Array(np.ones_like(good))
+        elif kind == "zero-examples":
+            metrics[P.NUM_EXAMPLES] = 0
+        elif kind == "negative-examples":
+            metrics[P.NUM_EXAMPLES] = -3
+        elif kind == "absurd-examples":
+            metrics[P.NUM_EXAMPLES] = 10**12
+        elif kind == "stale-mask":
+            metrics[P.MASK_VERSION] = 999
+        elif kind == "no-metrics":
+            return Message(RecordDict({P.ARRAYS: arrays}), reply_to=msg)
+        return Message(RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return fault
+
+
+@pytest.fixture(scope="module")
+def without_partition0():
+    """Reference: the same run where partition 0's reply never arrives."""
+    return {t: run(rounds=2, faults=_tamper("silence"), transport=t, max_payload_mb=10.0)[1].arrays.to_torch_state_dict()
+            for t in ("sparse", "dense")}
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "wrong-shape", "wrong-tensors", "oversized", "pruned-nonzero",
+                                  "zero-examples", "negative-examples", "absurd-examples", "stale-mask",
+                                  "no-metrics"])
+def test_malformed_replies_are_rejected_and_leave_no_trace(kind, without_partition0):
+    transport = "dense" if kind == "pruned-nonzero" else "sparse"
+    strategy, result, _ = run(rounds=2, faults=_tamper(kind), transport=transport, max_payload_mb=10.0)
+    rejected = [r for h in strategy.history for r in h["rejected"]]
+    assert any(r["partition"] == 0 for r in rejected), kind
+    final = result.arrays.to_torch_state_dict()
+    reference = without_partition0[transport]
+    assert all(torch.equal(final[n], reference[n]) for n in final), kind
+
+
+def test_crashes_are_recorded_and_too_few_replies_keep_the_model():
+    def crash_all(partition, msg, reply):
+        if msg.metadata.message_type == "train":
+            return Message(Error(code=1, reason="boom"), reply_to=msg)
+        return reply
+
+    strategy, result, _ = run(rounds=1, faults=crash_all, min_train_replies=1)
+    assert len(strategy.history[1]["dropped"]) == 3
+    assert "boom" in strategy.history[1]["dropped"][0]["reason"]
+    assert strategy.history[1]["replied"] == []
+
+
+def test_exploration_survives_crashing_and_silent_explorers():
+    def fault(partition, msg, reply):
+        if msg.metadata.message_type == P.EXPLORE and partition < 2:
+            return None if partition == 0 else Message(Error(code=1, reason="oom"), reply_to=msg)
+        return reply
+
+    strategy, _, _ = run(rounds=1, faults=fault)
+    assert sorted(strategy.history[0]["replied"]) == [2, 3, 4, 5]
+    assert {d["partition"] for d in strategy.history[0]["dropped"]} == {0, 1}
+    assert strategy.history[-1]["density"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    _, full, _ = run(rounds=4, checkpoint=tmp_path / "a.pt")
+    run(rounds=2, checkpoint=tmp_path / "b.pt")  # "killed" after round 2
+    resumed, result, grid = run(rounds=4, checkpoint=tmp_path / "b.pt", resume=True)
+    assert [h["round"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert not any(t == P.EXPLORE for _, t in grid.delivered)  # exploration is not repeated
+    a, b = full.arrays.to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-6
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
+    run(rounds=1, checkpoint=tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="sparsity"):
+        run(rounds=2, checkpoint=tmp_path / "c.pt", resume=True, sparsity=0.7)
+
+
+def test_thirty_percent_failures_cost_little_accuracy():
+    rng = np.random.default_rng(0)
+
+    def flaky(partition, msg, reply):
+        if msg.metadata.message_type == "train" and rng.random() < 0.3:
+            return None if rng.random() < 0.5 else Message(Error(code=1, reason="flaky"), reply_to=msg)
+        return reply
+
+    evaluate_fn = central_eval()
+    clean, _, _ = run(rounds=12, nodes=10, evaluate_fn=evaluate_fn)
+    faulty, _, _ = run(rounds=12, nodes=10, evaluate_fn=evaluate_fn, faults=flaky)
+    dropped = sum(len(h["dropped"]) for h in faulty.history[1:])
+    assert dropped >= 0.15 * 12 * 5
+    assert faulty.history[-1]["accuracy"] > 0.8
+    assert abs(faulty.history[-1]["accuracy"] - clean.history[-1]["accuracy"]) <= 0.02
