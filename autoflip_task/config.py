@@ -31,6 +31,8 @@ APP_OPTIONS: tuple[Option, ...] = (
     Option("weight-decay", 0.0, "Adam L2 weight decay (never revives pruned weights).", low=0.0),
     Option("data-dir", "", "Folder with the dataset's files (IDX .gz, CIFAR-10 tree or tar.gz, tinyshakespeare).",),
     Option("output-dir", "outputs", "Where each run writes its folder with results.json."),
+    Option("run-name", "", "Folder name of this run under output-dir (empty: time-strategy-dataset-seed)."),
+    Option("resume", False, "Continue the run in output-dir/run-name from its last checkpoint."),
     Option("max-eval-examples", 10_000, "Cap on central test examples (keeps evaluation cheap on CPU).", low=1),
 )
 

@@ -1,7 +1,8 @@
 """The reference ServerApp: builds θ₀ and the AutoFLIP strategy, evaluates centrally, writes results.
 
-Each run writes ``<output-dir>/<run-name>/results.json`` after every stage
-(atomically), so a crashed or killed run still leaves what it learned.
+Each run writes ``<output-dir>/<run-name>/results.json`` and ``checkpoint.pt``
+after every stage (atomically), so a killed run leaves what it learned and
+``resume=true`` continues it.
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(name, data.input_shape, data.num_classes)
     test_x, test_y = data.test_x[: cfg["max-eval-examples"]], data.test_y[: cfg["max-eval-examples"]]
 
-    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}"
+    run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}"
     out_dir = Path(cfg["output-dir"]).resolve() / run_name
+    if cfg["resume"] and not (out_dir / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} (set run-name to the run's folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"status": "running", "config": cfg, "model": name, "rounds": []}
 
     def on_round(record: dict[str, Any]) -> None:
-        results["rounds"].append(record)
+        results["rounds"] = strategy.history
         write_json(out_dir / "results.json", results)
         print(progress_line(record), flush=True)
 
@@ -70,12 +73,14 @@ def main(grid: Grid, context: Context) -> None:
         AutoFLIPConfig.from_run_config(cfg),
         train_config={"local-epochs": cfg["local-epochs"]},
         on_round=on_round,
+        checkpoint=out_dir / "checkpoint.pt",
     )
     results["structure"] = {g.name: g.size for g in strategy.structure.groups}
     print(f"AutoFLIP run {run_name}: writing {out_dir / 'results.json'}", flush=True)
     result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
-                            evaluate_fn=central_evaluation)
+                            evaluate_fn=central_evaluation, resume=cfg["resume"])
     torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
+    torch.save(strategy.layout.global_masks(), out_dir / "final_mask.pt")  # keep-masks, global layout
     results["status"] = "completed"
     write_json(out_dir / "results.json", results)
     print(f"AutoFLIP run finished: {out_dir / 'results.json'}", flush=True)
