@@ -21,7 +21,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -421,7 +421,7 @@ class AutoFLIP(Strategy):
         With ``resume`` and an existing checkpoint, continue after its last round.
         """
         if timeout is not None:
-            self.config = type(self.config)(**{**self.config.__dict__, "round_timeout": float(timeout)})
+            self.config = replace(self.config, round_timeout=float(timeout))
         if train_config is not None:
             self.train_config.update(dict(train_config))
         initial = initial_arrays.to_torch_state_dict()
