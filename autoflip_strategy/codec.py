@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from .masks import HybridMask, remove_units
+from .masks import HybridMask, remove_units, tensor_masks
 from .structure import ModelStructure, kept_entries, scatter, select
 
 TRANSPORTS = ("sparse", "dense")
@@ -73,13 +74,13 @@ class Layout:
         shapes = self.structure.shapes
         return {n: scatter(t, self.kept[n], shapes[n]) if n in self.kept else t for n, t in compact.items()}
 
-    def global_masks(self) -> dict[str, torch.Tensor]:
+    @cached_property
+    def tensor_masks(self) -> dict[str, torch.Tensor]:
         """Keep-masks in global layout for every tensor that the mask touches."""
-        out = {n: m.clone() for n, m in self.mask.weights.items()}
-        for n in self.kept:
-            out.setdefault(n, torch.ones(self.structure.shapes[n], dtype=torch.bool))
-        remove_units(out, self.structure, self.mask.units)
-        return out
+        return tensor_masks(self.mask, self.structure)
+
+    def global_masks(self) -> dict[str, torch.Tensor]:  # TEMP alias, removed once callers move
+        return self.tensor_masks
 
 
 def record_nbytes(record: ArrayRecord) -> int:
@@ -143,7 +144,7 @@ def decode_state(record: ArrayRecord, layout: Layout, transport: str = "sparse",
     _check_names(record, set(structure.shapes), "model payload")
     limit = max_bytes if max_bytes is not None else 2**62
     prunable = set(structure.prunable)
-    global_masks = layout.global_masks() if transport == "dense" else {}
+    global_masks = layout.tensor_masks if transport == "dense" else {}
     out: dict[str, torch.Tensor] = {}
     for name, shape in structure.shapes.items():
         if transport == "dense":

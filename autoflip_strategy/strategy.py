@@ -99,7 +99,6 @@ class AutoFLIP(Strategy):
         self.partitions: dict[int, int] = {}  # node id -> partition id (or -1)
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
-        self._sent: dict[int, bool] = {}  # node id -> whether the mask travelled this round
 
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
@@ -175,10 +174,10 @@ class AutoFLIP(Strategy):
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: self._config(server_round, node)})
             if needs_mask and mask is not None:
                 content[P.MASK] = mask
-            self._round["bytes_down"] += model_bytes + (mask_bytes if needs_mask else 0)
+            structure_bytes = len(self._structure_json) if needs_mask else 0  # sent with a new mask version
+            self._round["bytes_down"] += model_bytes + (mask_bytes if needs_mask else 0) + structure_bytes
             self._round["analytic_bytes_down"] += self.layout.analytic_bytes(needs_mask and mask is not None)
             self._round["masks_sent"] += int(needs_mask and mask is not None)
-            self._sent[node] = needs_mask
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         return messages
 
@@ -279,7 +278,7 @@ class AutoFLIP(Strategy):
         if not mask.equals(self.mask):
             self.mask, self.mask_version = mask, self.mask_version + 1
             self.layout = Layout.build(self.structure, mask)
-        apply_mask(self.state, self.layout.global_masks())
+        apply_mask(self.state, self.layout.tensor_masks)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -317,7 +316,7 @@ class AutoFLIP(Strategy):
                 server_round, len(accepted), c.min_train_replies)
             return None, None
         self.state.update(average.result())
-        apply_mask(self.state, self.layout.global_masks())
+        apply_mask(self.state, self.layout.tensor_masks)
         epochs = int(self.train_config.get("local-epochs", 1))
         self._round["train_flops"] += self._flops() * sum(accepted) * epochs
         if c.strategy == "autoflip" and self.scores is not None:

@@ -80,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
                             evaluate_fn=central_evaluation, resume=cfg["resume"])
     torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
-    torch.save(strategy.layout.global_masks(), out_dir / "final_mask.pt")  # keep-masks, global layout
+    torch.save(strategy.layout.tensor_masks, out_dir / "final_mask.pt")  # keep-masks, global layout
     results["status"] = "completed"
     write_json(out_dir / "results.json", results)
     print(f"AutoFLIP run finished: {out_dir / 'results.json'}", flush=True)

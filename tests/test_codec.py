@@ -28,7 +28,7 @@ def setup(name="cnn", sparsity=0.6, structured=0.25):
     mask = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, sparsity, structured)
     layout = Layout.build(s, mask)
     state = {n: t.float() for n, t in model.state_dict().items() if n in s.shapes}
-    apply_mask(state, layout.global_masks())
+    apply_mask(state, layout.tensor_masks)
     return s, layout, layout.to_compact(state)
 
 

@@ -48,7 +48,7 @@ def test_pruned_run_hits_density_and_keeps_pruned_coordinates_zero():
     assert [r["phase"] for r in h] == ["explore", "train", "train", "train"]
     assert h[-1]["density"] == pytest.approx(0.4, abs=0.02)
     final = result.arrays.to_torch_state_dict()
-    for name, keep in strategy.layout.global_masks().items():
+    for name, keep in strategy.layout.tensor_masks.items():
         assert torch.count_nonzero(final[name][~keep]) == 0, name
     # the exploration stage reached every node; training sampled half of them each round
     assert sum(1 for _, t in grid.delivered if t == P.EXPLORE) == 6

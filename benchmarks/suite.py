@@ -1,0 +1,246 @@
+"""AutoFLIP against FedAvg and pruning baselines: one command per named suite.
+
+    python -m benchmarks.suite --suite mnist            # real Flower simulations, 3 seeds
+    python -m benchmarks.suite --suite smoke --seeds 0  # the tiny configuration the tests run
+
+Every (setting, method, seed) is a real Flower simulation through
+``runner.simulation`` with the same θ₀, data split and sampled clients
+(all derive from the seed). Each run's ``results.json`` lands under
+``benchmarks/results/<suite>/runs/``; the suite then writes ``summary.csv``,
+``summary.md`` and two PNG plots per setting (accuracy vs round, accuracy vs
+cumulative MB). Datasets without an offline source here are reported as not
+run, never substituted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def shared_data() -> Path:
+    """The shared data folder beside the checkout (override with AUTOFLIP_SHARED_DATA)."""
+    return Path(os.environ.get("AUTOFLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One dataset/model/split configuration, run for every method and seed."""
+
+    name: str
+    dataset: str
+    num_clients: int
+    per_round: int
+    rounds: int
+    run_config: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # "shared:<folder>", "fashion-apt", or "" (embedded)
+
+    def data_dir(self) -> tuple[str, str | None]:
+        """(data-dir, reason it is unavailable or None)."""
+        if not self.data:
+            return "", None
+        if self.data == "fashion-apt":
+            folder = Path("/usr/share/datasets/fashion-mnist")
+            if not folder.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+                print("installing dataset-fashion-mnist with apt-get ...", flush=True)
+                subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return str(folder), None if folder.exists() else "apt-get install dataset-fashion-mnist failed"
+        folder = shared_data() / self.data.removeprefix("shared:")
+        return str(folder), None if folder.exists() else f"{folder} is missing"
+
+
+PRUNING = {"sparsity": 0.5}
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg"},
+    "random": {"strategy": "random", "structured-sparsity": 0.0, **PRUNING},
+    "magnitude": {"strategy": "magnitude", "structured-sparsity": 0.0, **PRUNING},
+    "autoflip-unstructured": {"strategy": "autoflip", "structured-sparsity": 0.0, **PRUNING},
+    "autoflip": {"strategy": "autoflip", "structured-sparsity": 0.2, **PRUNING},
+}
+
+_MNIST_LIKE = {"model": "cnn", "local-epochs": 1, "batch-size": 32, "learning-rate": 0.001, "explore-epochs": 2}
+SETTINGS: dict[str, list[Setting]] = {
+    "smoke": [Setting("digits-iid-4", "digits", 4, 2, 2,
+                      {"partitioning": "iid", "local-epochs": 1, "explore-epochs": 1})],
+    "digits": [Setting("digits-dirichlet0.3-10", "digits", 10, 5, 20, {"partitioning": "dirichlet"})],
+    "mnist": [
+        Setting("mnist-pathological2-20", "mnist", 20, 5, 30,
+                {**_MNIST_LIKE, "partitioning": "pathological", "classes-per-partition": 2}, "shared:mnist"),
+        Setting("mnist-dirichlet0.3-100", "mnist", 100, 10, 30,
+                {**_MNIST_LIKE, "partitioning": "dirichlet", "dirichlet-alpha": 0.3}, "shared:mnist"),
+    ],
+    "fashion": [
+        Setting("fashion-pathological2-20", "fashion-mnist", 20, 5, 30,
+                {**_MNIST_LIKE, "partitioning": "pathological", "classes-per-partition": 2}, "fashion-apt"),
+        Setting("fashion-dirichlet0.3-100", "fashion-mnist", 100, 10, 30,
+                {**_MNIST_LIKE, "partitioning": "dirichlet", "dirichlet-alpha": 0.3}, "fashion-apt"),
+    ],
+    "cifar10": [Setting("cifar10-dirichlet0.3-20", "cifar10", 20, 5, 30,
+                        {"model": "resnet", "partitioning": "dirichlet", "dirichlet-alpha": 0.3, "local-epochs": 1,
+                         "batch-size": 64, "learning-rate": 0.002, "explore-epochs": 1}, "shared:cifar10-jpeg")],
+    "shakespeare": [Setting("shakespeare-roles", "shakespeare", 253, 10, 20,
+                            {"model": "lstm", "partitioning": "natural", "local-epochs": 1, "batch-size": 64,
+                             "learning-rate": 0.003, "explore-epochs": 1}, "shared:tinyshakespeare")],
+}
+SETTINGS["paper"] = [s for k in ("mnist", "fashion", "cifar10", "shakespeare") for s in SETTINGS[k]]
+NOT_RUN = {
+    "femnist": "no offline source of FEMNIST on this machine",
+    "cifar100": "no offline source of CIFAR-100 on this machine",
+}
+
+
+def run_one(setting: Setting, method: str, seed: int, out: Path, data_dir: str) -> Path:
+    """One real Flower simulation; returns its results.json (reused when already complete)."""
+    from runner.simulation import find_results, load_results, run_simulation
+
+    run_dir = out / "runs" / setting.name / f"{method}-seed{seed}"
+    done = [p for p in find_results(run_dir) if load_results(p).get("status") == "completed"]
+    if done:
+        return sorted(done)[-1]
+    cfg = {**setting.run_config, **METHODS[method], "dataset": setting.dataset, "seed": seed,
+           "num-server-rounds": setting.rounds, "fraction-train": setting.per_round / setting.num_clients,
+           "min-train-nodes": setting.per_round, "min-available-nodes": setting.num_clients,
+           "data-dir": data_dir, "run-name": "run"}
+    return run_simulation(cfg, setting.num_clients, output_dir=run_dir, timeout=4 * 3600)
+
+
+def _curve(rounds: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([r[key] if r[key] is not None else np.nan for r in rounds], dtype=float)
+
+
+def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One summary row per method (mean ± std over seeds), relative to FedAvg where asked."""
+    base = runs.get("fedavg", [])
+    target = float(np.mean([r["rounds"][-1]["accuracy"] for r in base])) if base else float("nan")
+    ref = {k: float(np.mean([r["rounds"][-1][f"cum_{k}"] for r in base])) if base else float("nan")
+           for k in ("bytes_down", "bytes_up", "train_flops", "client_train_seconds")}
+    rows = []
+    for method, results in runs.items():
+        finals = [r["rounds"][-1]["accuracy"] for r in results]
+        best = [np.nanmax(_curve(r["rounds"], "accuracy")) for r in results]
+        last = [r["rounds"][-1] for r in results]
+        reach = []
+        for r in results:
+            hit = [x for x in r["rounds"] if x["accuracy"] is not None and x["accuracy"] >= target]
+            reach.append((hit[0]["cum_bytes_down"] + hit[0]["cum_bytes_up"]) / 1e6 if hit else float("nan"))
+        mean = lambda key: float(np.mean([x[f"cum_{key}"] for x in last]))  # noqa: E731
+        rows.append({
+            "setting": setting.name, "method": method, "seeds": len(results),
+            "final_acc": float(np.mean(finals)), "final_acc_std": float(np.std(finals)),
+            "best_acc": float(np.mean(best)), "density": float(np.mean([x["density"] for x in last])),
+            "mb_down": mean("bytes_down") / 1e6, "mb_up": mean("bytes_up") / 1e6,
+            "mb_to_fedavg_acc": float(np.nanmean(reach)) if not np.all(np.isnan(reach)) else float("nan"),
+            "reached_fedavg_acc": f"{sum(not np.isnan(x) for x in reach)}/{len(reach)}",
+            "comm_vs_fedavg": (mean("bytes_down") + mean("bytes_up")) / (ref["bytes_down"] + ref["bytes_up"]),
+            "flops_vs_fedavg": mean("train_flops") / ref["train_flops"],
+            "client_seconds_vs_fedavg": mean("client_train_seconds") / ref["client_train_seconds"],
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+    head = ("| setting | method | final acc | best acc | density | MB down | MB up | MB to FedAvg acc "
+            "| comm vs FedAvg | train FLOPs vs FedAvg | client s vs FedAvg |\n|" + "---|" * 11)
+    lines = [head]
+    for r in rows:
+        reach = "never" if np.isnan(r["mb_to_fedavg_acc"]) else f"{r['mb_to_fedavg_acc']:.1f} ({r['reached_fedavg_acc']})"
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {r['final_acc']:.3f} ± {r['final_acc_std']:.3f} | {r['best_acc']:.3f} "
+            f"| {r['density']:.2f} | {r['mb_down']:.1f} | {r['mb_up']:.1f} | {reach} | {r['comm_vs_fedavg']:.2f} "
+            f"| {r['flops_vs_fedavg']:.2f} | {r['client_seconds_vs_fedavg']:.2f} |")
+    for name, why in skipped.items():
+        lines.append(f"| {name} | (not run) | {why} |" + " |" * 8)
+    return "\n".join(lines) + "\n"
+
+
+def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for kind in ("round", "mb"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, results in runs.items():
+            acc = np.nanmean([_curve(r["rounds"], "accuracy") for r in results], axis=0)
+            if kind == "round":
+                x = np.arange(len(acc))
+            else:
+                x = np.mean([(_curve(r["rounds"], "cum_bytes_down") + _curve(r["rounds"], "cum_bytes_up")) / 1e6
+                             for r in results], axis=0)
+            ax.plot(x, acc, marker=".", label=method)
+        ax.set_xlabel("round (0 = exploration / initial model)" if kind == "round" else "cumulative MB (down + up)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(setting.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / f"{setting.name}-accuracy-vs-{kind}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_suite(suite: str, seeds: list[int], methods: list[str], out: Path | None = None) -> Path:
+    """Run (or reuse) every run of the suite and write its summary; returns summary.md."""
+    out = out or RESULTS / suite
+    out.mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], dict(NOT_RUN) if suite == "paper" else {}
+    started = time.time()
+    for setting in SETTINGS[suite]:
+        data_dir, missing = setting.data_dir()
+        if missing:
+            print(f"[{setting.name}] not run: {missing}", flush=True)
+            skipped[setting.name] = missing
+            continue
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for method in methods:
+            for seed in seeds:
+                t = time.time()
+                path = run_one(setting, method, seed, out, data_dir)
+                result = json.loads(path.read_text())
+                runs.setdefault(method, []).append(result)
+                last = result["rounds"][-1]
+                print(f"[{setting.name}] {method:>22} seed {seed}: acc {last['accuracy']:.3f} "
+                      f"density {last['density']:.2f} MB {(last['cum_bytes_down'] + last['cum_bytes_up']) / 1e6:.1f} "
+                      f"({time.time() - t:.0f}s)", flush=True)
+        rows += summarise(setting, runs)
+        plot(setting, runs, out)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["setting"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.md").write_text(markdown(rows, skipped))
+    print(f"\n{markdown(rows, skipped)}\nsuite {suite}: {time.time() - started:.0f}s; results in {out}", flush=True)
+    return out / "summary.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=sorted(SETTINGS), default="smoke")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    run_suite(args.suite, args.seeds, args.methods, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
