@@ -50,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(name, data.input_shape, data.num_classes)
     test_x, test_y = data.test_x[: cfg["max-eval-examples"]], data.test_y[: cfg["max-eval-examples"]]
 
-    run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}"
+    run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}-run{context.run_id}"
     out_dir = Path(cfg["output-dir"]).resolve() / run_name
     if cfg["resume"] and not (out_dir / "checkpoint.pt").exists():
         raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} (set run-name to the run's folder)")

@@ -1,0 +1,1 @@
+"""Launchers for Flower runs of this project (see :mod:`runner.simulation`)."""

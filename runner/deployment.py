@@ -1,0 +1,889 @@
+"""Run a Flower app on a real federation of processes on the loopback interface.
+
+:class:`LoopbackFederation` starts, as ordinary local processes, what Flower's
+Deployment Runtime runs in production (and what ``docker/compose.yml`` runs in
+containers):
+
+* one ``flower-superlink`` on a free 127.0.0.1 port, with its own ``FLWR_HOME``
+  and runtime dependency installation disabled (works offline); in Flower's
+  default ``subprocess`` isolation it spawns the SuperExec that runs each
+  ServerApp;
+* ``num_supernodes`` ``flower-supernode`` processes, node ``i`` with node config
+  ``partition-id=i num-partitions=N``, each with its own ``FLWR_HOME`` and Runtime
+  API port; in ``subprocess`` isolation each spawns its own SuperExec that runs
+  the ClientApps (no separate ``flower-superexec`` processes to manage);
+* optionally TLS (certificates from ``docker/generate_certs.sh``: a CA and a
+  SuperLink certificate for 127.0.0.1) and SuperNode authentication
+  (``--enable-supernode-auth``; every SuperNode key is registered with
+  ``flwr supernode register`` before that node starts).
+
+``run()`` submits an app with ``flwr run`` and waits until Flower reports the run
+finished *and* the ServerApp's ``results.json`` says ``"completed"`` (``flwr run``
+exits 0 even when a run fails). Leaving the ``with`` block stops exactly the
+processes the federation started: each was started in its own session (process
+group), every process it spawned inherits a marker variable unique to this
+federation, and a process is only signalled when it descends from ours or
+carries that marker (and its start time still matches, so a reused PID is never
+hit).
+
+Example::
+
+    from runner.deployment import LoopbackFederation
+    with LoopbackFederation(3, tls=True, auth=True, workdir=tmp) as fed:
+        results = fed.run(REPO_ROOT, {"num-server-rounds": 2, "output-dir": str(tmp / "out")})
+        refused = fed.start_unregistered_supernode()   # NodeExit(returncode=1, flower_exit_code=305, ...)
+    assert not fed.alive_processes()
+
+Command line (prints the per-round progress lines, then the results path)::
+
+    python -m runner.deployment --num-supernodes 3 --tls --auth --run-config "num-server-rounds=2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GENERATE_CERTS = REPO_ROOT / "docker" / "generate_certs.sh"
+CONNECTION = "loopback"
+"""Name of the SuperLink connection in the federation's ``config.toml``."""
+MARKER_VAR = "AUTOFLIP_DEPLOYMENT_MARKER"
+"""Environment variable, unique per federation, inherited by every process it starts."""
+RESULTS_PATTERN = "*/results.json"
+OUTPUT_DIR_KEY = "output-dir"
+QUIET_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+ISOLATION_MODES = ("subprocess", "process")
+TAIL_LINES = 40
+CLI_TIMEOUT = 120.0
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+LineSink = Callable[[str], None] | TextIO
+
+
+class DeploymentError(RuntimeError):
+    """The federation did not start, or a run did not complete; the message carries log tails."""
+
+
+class _ExitedEarly(Exception):
+    """A SuperNode process ended before it logged a node id."""
+
+
+@dataclass(frozen=True)
+class NodeExit:
+    """How a SuperNode process ended (see :meth:`LoopbackFederation.start_unregistered_supernode`)."""
+
+    returncode: int | None
+    """OS exit status; None when it was still running at the timeout (it was then stopped).
+    Flower exits with status 1 for every error and logs its own code (see ``flower_exit_code``)."""
+    flower_exit_code: int | None
+    """The code in Flower's ``Exit Code: N`` log line (305: could not connect / was refused), if any."""
+    node_id: int | None
+    """The node id it logged after connecting, or None when it never got one."""
+    log: str
+    seconds: float
+
+
+@dataclass
+class RunRecord:
+    """What :meth:`LoopbackFederation.run` saw of one run."""
+
+    run_id: str | None = None
+    cli_returncode: int | None = None
+    status: str | None = None
+    """Flower's run status, e.g. ``finished:completed``."""
+    status_details: str | None = None
+    results: Path | None = None
+    output: list[str] = field(default_factory=list)
+    """``flwr run --stream`` output lines (ANSI colours removed)."""
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- helpers
+def toml_value(value: Any) -> str:
+    """One run-config value as TOML (strings quoted and escaped, bools lowercase)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return json.dumps(os.fspath(value), ensure_ascii=True)  # a JSON string is a TOML basic string
+    raise TypeError(f"config values must be str, bool, int or float, got {value!r} ({type(value).__name__})")
+
+
+def toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=True)
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment (falls back to PATH)."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise DeploymentError(f"cannot find the `{name}` command (is flwr installed in this environment?)")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time in clock ticks) of a process, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def _has_marker(pid: int, tag: bytes) -> bool:
+    try:
+        return tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _is_alive(pid: int, start: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[0] != "Z" and (not start or st[2] == start)
+
+
+def _tail(lines: Iterable[str], n: int = TAIL_LINES) -> str:
+    return "\n".join(deque(lines, maxlen=n))
+
+
+def _file_text(path: Path) -> str:
+    try:
+        return _ANSI.sub("", path.read_text(errors="replace"))
+    except OSError:
+        return ""
+
+
+def _emit(sink: LineSink | None, line: str) -> None:
+    if sink is None:
+        return
+    if hasattr(sink, "write"):
+        sink.write(line + "\n")
+        sink.flush()
+    else:
+        sink(line)
+
+
+def _json_in(text: str) -> dict[str, Any]:
+    """The first JSON object in CLI output that starts at the beginning of a line."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"(?m)^\{", text):
+        try:
+            value, _ = decoder.raw_decode(text[m.start():])
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise ValueError(f"no JSON object in {text[-500:]!r}")
+
+
+def find_results(output_dir: Path, pattern: str = RESULTS_PATTERN) -> dict[Path, int]:
+    """Every results file under ``output_dir`` (resolved) with its modification time (ns)."""
+    output_dir = Path(output_dir)
+    found: dict[Path, int] = {}
+    for p in output_dir.glob(pattern) if output_dir.is_dir() else []:
+        try:
+            found[p.resolve()] = p.stat().st_mtime_ns
+        except OSError:
+            pass
+    return found
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------ federation
+class LoopbackFederation:
+    """A SuperLink and ``num_supernodes`` SuperNodes as local processes on 127.0.0.1.
+
+    Parameters
+    ----------
+    num_supernodes
+        SuperNodes to start; node ``i`` gets ``partition-id=i num-partitions=N``.
+    tls
+        Serve the SuperLink over HTTPS with certificates from ``docker/generate_certs.sh``.
+    auth
+        SuperNode authentication (needs ``tls``): each node's public key is
+        registered with ``flwr supernode register`` before the node starts.
+    workdir
+        Folder for homes, certificates, keys and logs (created; a temporary folder
+        that is deleted on exit when None). Logs stay there for debugging.
+    node_config
+        Extra node-config entries given to every SuperNode.
+    env
+        Extra environment variables for every process (e.g. ``OMP_NUM_THREADS``).
+    isolation
+        ``--isolation`` of the SuperLink and SuperNodes. ``subprocess`` (Flower's
+        default) makes each of them spawn its own SuperExec; ``process`` is not
+        supported here (it needs separately managed ``flower-superexec`` processes).
+    startup_timeout
+        Seconds for the SuperLink to listen and every SuperNode to get a node id.
+    """
+
+    def __init__(
+        self,
+        num_supernodes: int = 3,
+        *,
+        tls: bool = False,
+        auth: bool = False,
+        workdir: Path | None = None,
+        node_config: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        isolation: str = "subprocess",
+        startup_timeout: float = 90.0,
+    ) -> None:
+        if num_supernodes < 0:
+            raise ValueError(f"num_supernodes must be >= 0, got {num_supernodes}")
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth "
+                             "with --insecure): pass tls=True")
+        if isolation != "subprocess":
+            raise ValueError(f"isolation {isolation!r} is not supported: only 'subprocess' runs the apps "
+                             "without separately managed flower-superexec processes")
+        self.num_supernodes = num_supernodes
+        self.tls = tls
+        self.auth = auth
+        self.node_config = dict(node_config or {})
+        self.extra_env = dict(env or {})
+        self.isolation = isolation
+        self.startup_timeout = startup_timeout
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="flwr-deploy-")).resolve()
+        self.marker = uuid.uuid4().hex
+        self.port = 0
+        self.node_ids: dict[int, int] = {}
+        """partition id -> SuperNode id of the federation's nodes."""
+        self.runs: list[RunRecord] = []
+        self._popens: dict[str, subprocess.Popen[Any]] = {}
+        self._seen: dict[int, tuple[int, str]] = {}
+        """pid -> (start time, command line) of every process observed as ours."""
+        self._extra_nodes = 0
+        self._started = False
+
+    # ---------------------------------------------------------- paths
+    @property
+    def home(self) -> Path:
+        """FLWR_HOME of the SuperLink and of the ``flwr`` CLI (holds ``config.toml``)."""
+        return self.workdir / "home"
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    @property
+    def certs(self) -> Path:
+        return self.workdir / "certs"
+
+    @property
+    def keys(self) -> Path:
+        return self.workdir / "keys"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def connection(self) -> str:
+        """Name of the connection to use with ``flwr`` (``FLWR_HOME`` = :attr:`home`)."""
+        return CONNECTION
+
+    def key_path(self, partition_id: int) -> Path:
+        return self.keys / f"supernode-{partition_id}"
+
+    # ----------------------------------------------------- environment
+    def process_env(self, home: Path | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(QUIET_ENV)
+        env.update(self.extra_env)
+        env["FLWR_HOME"] = str(home or self.home)
+        env[MARKER_VAR] = self.marker
+        # SuperNodes and SuperLinks spawn `flower-superexec` / `flwr-clientapp` by name.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.pop("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", None)
+        return env
+
+    def _write_config(self) -> None:
+        conn = f'address = "{self.address}"\n'
+        conn += (f'root-certificates = {toml_value(str(self.certs / "ca.crt"))}\n' if self.tls
+                 else "insecure = true\n")
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{conn}')
+
+    # ------------------------------------------------------- processes
+    def _popen(self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as fh:
+            proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self._popens[name] = proc
+        self.snapshot()
+        return proc
+
+    def processes(self) -> dict[int, int]:
+        """pid -> start time of every live process that is ours: those started here, their
+        descendants, and any process that carries this federation's marker."""
+        table: dict[int, tuple[str, int, int]] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+                table[int(entry.name)] = st
+        children: dict[int, list[int]] = {}
+        for pid, (_, ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        found: set[int] = set()
+        stack = [p.pid for p in self._popens.values() if p.pid in table and p.returncode is None]
+        while stack:
+            pid = stack.pop()
+            if pid not in found:
+                found.add(pid)
+                stack.extend(children.get(pid, []))
+        tag = f"{MARKER_VAR}={self.marker}".encode()
+        found |= {pid for pid in table if pid not in found and _has_marker(pid, tag)}
+        found.discard(os.getpid())
+        return {pid: table[pid][2] for pid in found if table[pid][0] != "Z"}
+
+    def snapshot(self) -> dict[int, int]:
+        """Scan for our processes and remember them (so :meth:`alive_processes` can check them later)."""
+        procs = self.processes()
+        for pid, start in procs.items():
+            if pid not in self._seen or self._seen[pid][0] != start:
+                self._seen[pid] = (start, _cmdline(pid))
+        return procs
+
+    @property
+    def seen_processes(self) -> dict[int, str]:
+        """pid -> command line of every process observed as ours so far."""
+        return {pid: cmd for pid, (_, cmd) in self._seen.items()}
+
+    def alive_processes(self) -> dict[int, str]:
+        """pid -> command line of each process ever seen as ours (or carrying the marker) still alive."""
+        alive = {pid: cmd for pid, (start, cmd) in self._seen.items() if _is_alive(pid, start)}
+        tag = f"{MARKER_VAR}={self.marker}".encode()
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and int(entry.name) != os.getpid() and int(entry.name) not in alive:
+                pid = int(entry.name)
+                if _has_marker(pid, tag) and (st := _proc_stat(pid)) is not None and st[0] != "Z":
+                    alive[pid] = _cmdline(pid)
+        return alive
+
+    def _signal_all(self, procs: Mapping[int, int], sig: int) -> None:
+        for pid, start in procs.items():
+            if _is_alive(pid, start):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _wait_gone(procs: Mapping[int, int], timeout: float) -> dict[int, int]:
+        deadline = time.monotonic() + timeout
+        left = dict(procs)
+        while left and time.monotonic() < deadline:
+            left = {p: s for p, s in left.items() if _is_alive(p, s)}
+            if left:
+                time.sleep(0.1)
+        return left
+
+    def _stop_popen(self, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+        """Stop one process we started and its process group (and reap it)."""
+        self.snapshot()
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: pgid == pid
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        """Stop every process of this federation: SIGTERM (SuperNodes first, then the SuperLink,
+        each to its whole process group), then SIGTERM/SIGKILL to whatever of ours is left."""
+        self.snapshot()
+        order = sorted(self._popens.items(), key=lambda kv: kv[0] == "superlink")
+        for _, proc in order:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        for _, proc in order:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        left = {pid: start for pid, (start, _) in self._seen.items() if _is_alive(pid, start)}
+        left.update(self.processes())
+        self._signal_all(left, signal.SIGTERM)
+        left = self._wait_gone(left, 5.0)
+        if left:
+            self._signal_all(left, signal.SIGKILL)
+            self._wait_gone(left, 5.0)
+        for _, proc in order:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._started = False
+
+    # ---------------------------------------------------------- start-up
+    def __enter__(self) -> LoopbackFederation:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def start(self) -> None:
+        """Start the SuperLink, register keys (auth), start the SuperNodes, wait until all have node ids."""
+        if self._started:
+            raise RuntimeError("this federation is already running")
+        self._started = True
+        for d in (self.home, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        try:
+            deadline = time.monotonic() + self.startup_timeout
+            if self.tls:
+                self._generate_certs(self.num_supernodes)
+            self._start_superlink(deadline)
+            if self.auth:
+                self.register_keys([self.key_path(i).with_suffix(".pub") for i in range(self.num_supernodes)])
+            for i in range(self.num_supernodes):
+                self._start_supernode(f"supernode-{i}", i, self.key_path(i) if self.auth else None)
+            for i in range(self.num_supernodes):
+                for attempt in range(3):
+                    try:
+                        self.node_ids[i] = self._wait_node_id(f"supernode-{i}", deadline)
+                        break
+                    except _ExitedEarly:
+                        # e.g. its Runtime API port, picked as free, was taken meanwhile: retry once or twice
+                        if attempt == 2 or time.monotonic() > deadline:
+                            raise DeploymentError(f"supernode-{i} exited before it got a node id:\n"
+                                                  f"{self.diagnostics()}") from None
+                        self._start_supernode(f"supernode-{i}", i, self.key_path(i) if self.auth else None)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _generate_certs(self, count: int) -> None:
+        res = subprocess.run(["bash", str(GENERATE_CERTS), str(self.workdir), str(max(count, 1))],
+                             capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise DeploymentError(f"{GENERATE_CERTS} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
+
+    def _superlink_cmd(self) -> list[str]:
+        cmd = [_bin("flower-superlink"), "--isolation", self.isolation, "--host", "127.0.0.1",
+               "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.tls:
+            cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key")]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        return cmd
+
+    def _start_superlink(self, deadline: float) -> None:
+        log = self.logs / "superlink.log"
+        for _ in range(3):  # a port picked as free can be taken before the SuperLink binds it
+            self.port = _free_port()
+            self._write_config()
+            proc = self._popen("superlink", self._superlink_cmd(), self.process_env(), self.home)
+            if self._wait_listening(proc, log, deadline):
+                return
+            self._stop_popen(proc)
+            if time.monotonic() > deadline:
+                break
+        raise DeploymentError(f"the SuperLink did not start:\n{self.diagnostics()}")
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> bool:
+        scheme = "https" if self.tls else "http"
+        ready = f"Uvicorn running on {scheme}://127.0.0.1:{self.port}"
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.tls else None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            # The log line proves that *our* process bound the port; /health that it answers.
+            if ready in _file_text(log):
+                try:
+                    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=2,
+                                                context=context) as r:
+                        if r.status == 200:
+                            return True
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        return False
+
+    def _supernode_cmd(self, partition_id: int, key: Path | None, num_partitions: int) -> list[str]:
+        config = {"partition-id": partition_id, "num-partitions": num_partitions, **self.node_config}
+        cmd = [_bin("flower-supernode"), "--superlink", self.address, "--isolation", self.isolation,
+               "--host", "127.0.0.1", "--port", str(_free_port()),
+               "--node-config", " ".join(f"{toml_key(k)}={toml_value(v)}" for k, v in config.items())]
+        cmd += ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        return cmd
+
+    def _start_supernode(self, name: str, partition_id: int, key: Path | None,
+                         extra_args: Iterable[str] = ()) -> subprocess.Popen[bytes]:
+        home = self.workdir / name
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = self._supernode_cmd(partition_id, key, max(self.num_supernodes, 1)) + list(extra_args)
+        return self._popen(name, cmd, self.process_env(home), home)
+
+    def _wait_node_id(self, name: str, deadline: float) -> int:
+        proc, log = self._popens[name], self.logs / f"{name}.log"
+        while True:
+            if (m := _NODE_ID.search(_file_text(log))) is not None:
+                return int(m.group(1))
+            if proc.poll() is not None:
+                raise _ExitedEarly(name)
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{name} got no node id within {self.startup_timeout:.0f} s:\n"
+                                      f"{self.diagnostics()}")
+            self.snapshot()
+            time.sleep(0.2)
+
+    # ----------------------------------------------------------- the CLI
+    def flwr(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """Run ``flwr ARGS`` against this federation (its ``FLWR_HOME``); output is captured."""
+        return self._flwr_many([list(args)], timeout)[0]
+
+    def _flwr_many(self, commands: list[list[str]], timeout: float = CLI_TIMEOUT
+                   ) -> list[subprocess.CompletedProcess[str]]:
+        """Run several ``flwr`` commands at the same time (each CLI start costs seconds of CPU)."""
+        procs = []
+        for args in commands:
+            proc = subprocess.Popen([_bin("flwr"), *args], env=self.process_env(), cwd=self.home,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", start_new_session=True)
+            self._popens[f"flwr-{proc.pid}"] = proc
+            procs.append(proc)
+        deadline = time.monotonic() + timeout
+        results = []
+        try:
+            for args, proc in zip(commands, procs):
+                try:
+                    out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    self._stop_popen(proc)
+                    out, _ = proc.communicate()
+                    raise DeploymentError(f"`flwr {' '.join(args)}` timed out after {timeout:.0f} s:\n{out}") from None
+                results.append(subprocess.CompletedProcess(proc.args, proc.returncode, _ANSI.sub("", out), ""))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    self._stop_popen(proc)
+                self._popens.pop(f"flwr-{proc.pid}", None)
+        return results
+
+    def register_keys(self, public_keys: Iterable[Path]) -> None:
+        """``flwr supernode register PUBLIC_KEY`` for each key (SuperNode authentication)."""
+        keys = list(public_keys)
+        results = self._flwr_many([["supernode", "register", str(k), CONNECTION] for k in keys])
+        failed = [f"{k}: exit {r.returncode}\n{r.stdout}" for k, r in zip(keys, results) if r.returncode != 0]
+        if failed:
+            raise DeploymentError("registering SuperNode keys failed:\n" + "\n".join(failed))
+
+    def list_supernodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list --format json``: one dict per SuperNode known to the SuperLink."""
+        res = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            payload = _json_in(res.stdout)
+        except ValueError:
+            raise DeploymentError(f"`flwr supernode list` gave no JSON ({res.returncode}):\n"
+                                  f"{res.stdout}{res.stderr}") from None
+        nodes = payload.get("nodes")
+        return list(nodes) if isinstance(nodes, list) else []
+
+    def run_status(self, run_id: str) -> dict[str, Any] | None:
+        """Flower's record of a run (``status`` e.g. ``finished:completed``), or None if unavailable."""
+        try:
+            out = self.flwr("list", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60).stdout
+            payload = _json_in(out)
+        except (DeploymentError, ValueError, OSError):
+            return None
+        runs = payload.get("runs") or []
+        return runs[0] if runs else None
+
+    # ----------------------------------------------------------------- run
+    def run(
+        self,
+        app_dir: Path = REPO_ROOT,
+        run_config: Mapping[str, Any] | None = None,
+        timeout: float = 600.0,
+        *,
+        stream_to: LineSink | None = None,
+        results_pattern: str = RESULTS_PATTERN,
+    ) -> Path:
+        """Submit ``app_dir`` with ``flwr run --stream`` and wait for its completed results file.
+
+        ``run_config`` overrides the app's run config (written to a TOML file, so any
+        string is safe); it must contain ``output-dir`` (the folder under which the
+        ServerApp writes ``<run folder>/results.json``). Returns that results file
+        once Flower's run status is ``finished:completed`` and the file's ``status``
+        is ``"completed"``; raises :class:`DeploymentError` (with the CLI output and
+        every process log) otherwise. Details of the run are in :attr:`runs`.
+        """
+        if not self._started:
+            raise RuntimeError("start the federation first (use it as a context manager)")
+        started = time.monotonic()
+        deadline = started + timeout
+        app_dir = Path(app_dir).resolve()
+        overrides = dict(run_config or {})
+        if OUTPUT_DIR_KEY not in overrides:
+            raise ValueError(f"run_config needs {OUTPUT_DIR_KEY!r} (where the ServerApp writes its results)")
+        output_dir = Path(overrides[OUTPUT_DIR_KEY]).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        overrides[OUTPUT_DIR_KEY] = str(output_dir)
+        before = find_results(output_dir, results_pattern)
+        record = RunRecord()
+        self.runs.append(record)
+
+        index = len(self.runs)
+        cfg_file = self.workdir / f"run-{index}-config.toml"
+        cfg_file.write_text("".join(f"{toml_key(k)} = {toml_value(v)}\n" for k, v in overrides.items()))
+        out_log = self.logs / f"flwr-run-{index}.log"
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(cfg_file)]
+        failure: str | None = None
+        with out_log.open("wb") as fh:
+            cli = subprocess.Popen(cmd, env=self.process_env(), cwd=self.home, stdin=subprocess.DEVNULL,
+                                   stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self._popens[f"flwr-run-{index}"] = cli
+        seen_lines = 0
+        try:
+            while cli.poll() is None and time.monotonic() < deadline:
+                seen_lines = self._pump(out_log, record, seen_lines, stream_to)
+                self.snapshot()
+                self._check_alive()
+                time.sleep(0.5)
+            record.cli_returncode = cli.poll()
+            seen_lines = self._pump(out_log, record, seen_lines, stream_to, final=record.cli_returncode is not None)
+            record.run_id = next((m.group(1) for line in record.output if (m := _RUN_ID.search(line))), None)
+            if record.cli_returncode is None:
+                failure = f"timed out after {timeout:.0f} s"
+            elif record.run_id is None:
+                failure = f"`flwr run` exited with code {record.cli_returncode} without starting a run"
+            else:
+                # The log stream can end before the run does: wait for Flower's final status.
+                while True:
+                    info = self.run_status(record.run_id)
+                    if info is not None:
+                        record.status = str(info.get("status", ""))
+                        record.status_details = str(info.get("status-details", "") or "")
+                        if record.status.startswith("finished"):
+                            break
+                    if time.monotonic() > deadline:
+                        failure = f"timed out after {timeout:.0f} s (run status {record.status!r})"
+                        break
+                    self._check_alive()
+                    time.sleep(1.0)
+        except DeploymentError as exc:
+            failure = str(exc).splitlines()[0]
+        finally:
+            if cli.poll() is None:
+                self._stop_popen(cli)
+            self._popens.pop(f"flwr-run-{index}", None)
+            record.seconds = time.monotonic() - started
+
+        if failure is None:
+            # new files, or files that this run rewrote (a run-name used before)
+            new = sorted(p for p, mtime in find_results(output_dir, results_pattern).items()
+                         if before.get(p) != mtime)
+            mentioned = [p for p in new if any(str(p) in line for line in record.output)]
+            candidates = mentioned or new
+            if record.status and record.status != "finished:completed":
+                failure = f"run {record.run_id} ended with status {record.status!r} ({record.status_details})"
+            elif len(candidates) != 1:
+                failure = (f"expected one new results file matching {results_pattern!r} under {output_dir}, "
+                           f"found {[str(p) for p in candidates]}")
+            else:
+                record.results = candidates[0]
+                try:
+                    app_status = load_results(record.results).get("status")
+                except (OSError, ValueError) as exc:
+                    app_status = f"unreadable ({exc})"
+                if app_status != "completed":
+                    failure = f"{record.results} has status {app_status!r}, not 'completed'"
+        if failure is not None or record.results is None:
+            raise DeploymentError(f"Flower run {record.run_id or '?'} of {app_dir} failed: {failure}\n"
+                                  f"{self.diagnostics()}")
+        return record.results
+
+    @staticmethod
+    def _pump(log: Path, record: RunRecord, seen: int, sink: LineSink | None, final: bool = False) -> int:
+        """Pass the new complete lines of ``log`` (all lines when ``final``) to the record and sink."""
+        text = _file_text(log)
+        lines = text.splitlines()
+        complete = lines if final or text.endswith("\n") else lines[:-1]
+        for line in complete[seen:]:
+            record.output.append(line)
+            _emit(sink, line)
+        return max(seen, len(complete))
+
+    def _check_alive(self) -> None:
+        """Raise when the SuperLink or a federation SuperNode died."""
+        for name, proc in self._popens.items():
+            if (name == "superlink" or re.fullmatch(r"supernode-\d+", name)) and proc.poll() is not None:
+                raise DeploymentError(f"{name} exited with code {proc.returncode}")
+
+    # ------------------------------------------------------- refused nodes
+    def start_unregistered_supernode(self, timeout: float = 60.0, partition_id: int = 0) -> NodeExit:
+        """Start one more SuperNode whose (fresh) key was never registered, wait until it exits
+        (or ``timeout``), and report how it ended; it is stopped if still running."""
+        if not self._started:
+            raise RuntimeError("start the federation first")
+        if not self.auth:
+            raise ValueError("without SuperNode authentication every SuperNode is accepted: use auth=True")
+        self._extra_nodes += 1
+        name = f"unregistered-{self._extra_nodes}"
+        key = self.keys / name
+        self.keys.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name,
+                              "-f", str(key)], capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise DeploymentError(f"ssh-keygen failed: {res.stdout}{res.stderr}")
+        started = time.monotonic()
+        proc = self._start_supernode(name, partition_id, key)
+        log = self.logs / f"{name}.log"
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            self.snapshot()
+        returncode = proc.poll()
+        self._stop_popen(proc)
+        text = _file_text(log)
+        node = _NODE_ID.search(text)
+        code = _EXIT_CODE.search(text)
+        return NodeExit(returncode, int(code.group(1)) if code else None, int(node.group(1)) if node else None,
+                        text, time.monotonic() - started)
+
+    # --------------------------------------------------------- diagnostics
+    def diagnostics(self, lines: int = TAIL_LINES) -> str:
+        """Tails of every process log (SuperLink, SuperNodes, ``flwr run`` output)."""
+        parts = []
+        for log in sorted(self.logs.glob("*.log")) if self.logs.is_dir() else []:
+            parts.append(f"--- {log.name} (last {lines} lines) ---\n{_tail(_file_text(log).splitlines(), lines)}")
+        return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------- CLI
+def _parse_overrides(text: str) -> dict[str, Any]:
+    import tomllib
+
+    pattern = r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)"
+    leftover = re.sub(pattern, "", text).strip()
+    if leftover:
+        raise ValueError(f"cannot parse {leftover!r} in {text!r}: expected key=value pairs")
+    try:
+        return tomllib.loads("\n".join(f"{toml_key(k)} = {v}" for k, v in re.findall(pattern, text)))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"invalid override {text!r}: values are TOML (strings in quotes): {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m runner.deployment",
+        description="Run the AutoFLIP Flower app on a SuperLink and SuperNodes started on 127.0.0.1.")
+    parser.add_argument("--num-supernodes", type=int, default=3)
+    parser.add_argument("--tls", action="store_true", help="HTTPS with certificates from docker/generate_certs.sh")
+    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    parser.add_argument("--workdir", type=Path, default=None, help="keep homes, certificates and logs here")
+    parser.add_argument("--run-config", action="append", default=[], metavar='"k=v ..."')
+    parser.add_argument("--app-dir", type=Path, default=REPO_ROOT)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--verbose", "-v", action="store_true", help="print all of Flower's output")
+    args = parser.parse_args(argv)
+    try:
+        overrides: dict[str, Any] = {}
+        for text in args.run_config:
+            overrides.update(_parse_overrides(text))
+    except ValueError as exc:
+        parser.error(str(exc))
+    overrides[OUTPUT_DIR_KEY] = str(args.output_dir.resolve())
+
+    def show(line: str) -> None:
+        if args.verbose or line.startswith("[") or line.startswith("AutoFLIP run"):
+            print(line, flush=True)
+
+    try:
+        with LoopbackFederation(args.num_supernodes, tls=args.tls or args.auth, auth=args.auth,
+                                workdir=args.workdir) as fed:
+            path = fed.run(args.app_dir, overrides, args.timeout, stream_to=show)
+    except DeploymentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""A tiny Flower app that plugs AutoFLIP into its own MLP and Gaussian-blob data."""
