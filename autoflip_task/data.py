@@ -32,14 +32,6 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 from PIL import Image
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "shakespeare")
@@ -460,6 +452,16 @@ def _compute_partitions(
 ) -> list[np.ndarray]:
     labels = data.train_y.numpy()
     columns: dict[str, np.ndarray] = {"label": labels, "index": np.arange(len(labels))}
+    # imported here: datasets/flwr_datasets pull in pandas and scipy (seconds per fresh ClientApp process)
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        Partitioner,
+        PathologicalPartitioner,
+    )
+
     partitioner: Partitioner
     if partitioning == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from torch import nn
 
 from autoflip_strategy import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTask
@@ -25,13 +25,25 @@ def _data(context: Context) -> tuple[dict, FederatedData, np.ndarray, np.ndarray
     """This node's config, dataset, and its train / local-eval indices."""
     cfg = app_config(context.run_config)
     data = load_federated_data(cfg["dataset"], cfg["data-dir"], cfg["seed"])
-    pid = int(context.node_config["partition-id"])
-    parts = partition_indices(data, int(context.node_config["num-partitions"]), cfg["partitioning"],
-                              alpha=cfg["dirichlet-alpha"], classes_per_partition=cfg["classes-per-partition"],
-                              seed=cfg["seed"])
-    idx = parts[pid]
+    idx = _partition(context, cfg, data)
     n_eval = int(len(idx) * LOCAL_EVAL_FRACTION) if len(idx) >= 10 else 0
     return cfg, data, idx[n_eval:], idx[:n_eval]
+
+
+def _partition(context: Context, cfg: dict, data: FederatedData) -> np.ndarray:
+    """This node's indices, cached in ``context.state``: deployed nodes start a fresh process per message."""
+    num = int(context.node_config["num-partitions"])
+    key = "|".join(str(cfg[k]) for k in ("dataset", "partitioning", "dirichlet-alpha", "classes-per-partition", "seed"))
+    key += f"|{num}"
+    cached = context.state.get("partition")
+    if isinstance(cached, ConfigRecord) and cached["key"] == key:
+        return np.asarray(cached["indices"], dtype=np.int64)
+    parts = partition_indices(data, num, cfg["partitioning"], alpha=cfg["dirichlet-alpha"],
+                              classes_per_partition=cfg["classes-per-partition"], seed=cfg["seed"])
+    idx = parts[int(context.node_config["partition-id"])]
+    if len(idx):
+        context.state["partition"] = ConfigRecord({"key": key, "indices": [int(i) for i in idx]})
+    return idx
 
 
 def model_fn(context: Context) -> nn.Module:

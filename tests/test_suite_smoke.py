@@ -1,0 +1,37 @@
+"""The benchmark suite's tiny configuration, end to end through real Flower simulations."""
+
+import csv
+import json
+
+from benchmarks.suite import METHODS, SETTINGS, run_suite
+
+
+def test_smoke_suite_writes_table_csv_and_plots(tmp_path):
+    summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path)
+    text = summary.read_text()
+    assert "| digits-iid-4 | fedavg |" in text and "| digits-iid-4 | autoflip |" in text
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+    assert float(rows["fedavg"]["comm_vs_fedavg"]) == 1.0
+    assert float(rows["autoflip"]["density"]) == 0.5
+    # exploration is counted; each pruned round then sends and computes less than FedAvg's
+    runs = {m: json.loads(next(tmp_path.glob(f"runs/digits-iid-4/{m}-seed0/*/results.json")).read_text())
+            for m in ("fedavg", "autoflip")}
+    assert runs["autoflip"]["rounds"][0]["bytes_up"] > 0 and runs["fedavg"]["rounds"][0]["bytes_up"] == 0
+    for key in ("bytes_up", "train_flops"):
+        assert runs["autoflip"]["rounds"][1][key] < 0.7 * runs["fedavg"]["rounds"][1][key]
+    for kind in ("round", "mb"):
+        assert (tmp_path / f"digits-iid-4-accuracy-vs-{kind}.png").stat().st_size > 1000
+    # a second call reuses the completed runs instead of training again
+    before = sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json"))
+    run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path)
+    assert sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json")) == before
+
+
+def test_suite_settings_are_runnable_configs():
+    from autoflip_task.config import app_config
+
+    for settings in SETTINGS.values():
+        for s in settings:
+            for method in METHODS.values():
+                app_config({**s.run_config, **method, "dataset": s.dataset})
+            assert 1 <= s.per_round <= s.num_clients
