@@ -79,9 +79,6 @@ class Layout:
         """Keep-masks in global layout for every tensor that the mask touches."""
         return tensor_masks(self.mask, self.structure)
 
-    def global_masks(self) -> dict[str, torch.Tensor]:  # TEMP alias, removed once callers move
-        return self.tensor_masks
-
 
 def record_nbytes(record: ArrayRecord) -> int:
     """Bytes that the record's arrays occupy in a Flower message."""

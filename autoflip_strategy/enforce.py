@@ -24,7 +24,7 @@ def enforce_mask(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterato
     params = dict(model.named_parameters())
     unknown = set(masks) - set(params)
     if unknown:
-        raise KeyError(f"mask names tensors the model does not have: {sorted(unknown)}")
+        raise KeyError(f"masks must name parameters of the model; not parameters: {sorted(unknown)}")
     pairs = [(params[n], m.to(params[n].dtype)) for n, m in masks.items()]
     for p, m in pairs:
         if p.shape != m.shape:

@@ -40,7 +40,7 @@ from .aggregation import (RejectedReply, TrainReply, WeightedAverage, example_co
 from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_state, record_nbytes
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import AutoFLIPConfig
-from .costs import masked_flops, training_flops_per_example
+from .costs import training_flops_per_example
 from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, scheduled_sparsity
 from .structure import ModelStructure, discover_structure, structure_to_json
 
@@ -113,13 +113,13 @@ class AutoFLIP(Strategy):
         return ArrayRecord({n: t.clone() for n, t in self.state.items()})
 
     def _flops(self) -> int:
-        """Training FLOPs per example at the current mask (compact structure x kept density)."""
+        """Training FLOPs per example at the current mask (compact structure, kept weights per layer)."""
         if self.mask_version not in self._flops_per_example:
             from .compact import compact_model
 
             compact = compact_model(self._model, self.layout.kept)
-            dense = training_flops_per_example(compact, self._example_input)
-            self._flops_per_example[self.mask_version] = masked_flops(dense, self.layout.compact_masks)
+            self._flops_per_example[self.mask_version] = training_flops_per_example(
+                compact, self._example_input, self.layout.compact_masks)
         return self._flops_per_example[self.mask_version]
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
