@@ -34,7 +34,7 @@ from .codec import Layout, decode_mask, decode_state, encode_guidance, encode_st
 from .compact import compact_model
 from .enforce import enforce_mask
 from .guidance import local_guidance
-from .masks import dense_mask
+from .masks import HybridMask, dense_mask
 from .structure import ModelStructure, prunable_weights, structure_from_json
 
 _STATE_KEY = "autoflip"  # context.state: ConfigRecord with version + structure, ArrayRecord with the mask
@@ -169,7 +169,7 @@ class AutoFLIPClient:
         return compact, layout
 
     def _mask(self, msg: Message, context: Context, version: int,
-              transport: str) -> tuple[ModelStructure, Any]:
+              transport: str) -> tuple[ModelStructure, HybridMask]:
         cfg = msg.content[P.CONFIG]
         if P.STRUCTURE in cfg:
             meta = ConfigRecord({P.STRUCTURE: str(cfg[P.STRUCTURE]), P.MASK_VERSION: version,

@@ -194,3 +194,10 @@ def test_thirty_percent_failures_cost_little_accuracy():
     assert dropped >= 0.15 * 12 * 5
     assert faulty.history[-1]["accuracy"] > 0.8
     assert abs(faulty.history[-1]["accuracy"] - clean.history[-1]["accuracy"]) <= 0.02
+
+
+def test_federated_evaluation_on_clients_is_recorded():
+    strategy, result, grid = run(rounds=1, fraction_evaluate=0.5)
+    assert 0.0 <= strategy.history[1]["client_accuracy"] <= 1.0
+    assert sum(1 for _, t in grid.delivered if t == "evaluate") == 3
+    assert 1 in result.evaluate_metrics_clientapp
