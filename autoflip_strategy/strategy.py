@@ -44,6 +44,7 @@ from .costs import training_flops_per_example
 from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, scheduled_sparsity
 from .structure import ModelStructure, discover_structure, structure_to_json
 
+DESCRIBE_CHUNK = 100  # handshake messages in flight at once
 RoundCallback = Callable[[dict[str, Any]], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -136,14 +137,16 @@ class AutoFLIP(Strategy):
         new = [n for n in nodes if n not in self.partitions]
         if not new:
             return
-        msgs = [Message(RecordDict(), dst_node_id=n, message_type=P.DESCRIBE) for n in new]
-        for reply in grid.send_and_receive(msgs, timeout=self.config.round_timeout):
-            node = reply.metadata.src_node_id
-            pid = -1
-            if not reply.has_error() and isinstance(m := reply.content.get(P.METRICS), MetricRecord):
-                value = m.get(P.PARTITION_ID, -1)
-                pid = int(value) if isinstance(value, (int, float)) else -1
-            self.partitions[node] = pid
+        # in chunks: Flower's simulation engine polls every node against every message in flight
+        for start in range(0, len(new), DESCRIBE_CHUNK):
+            msgs = [Message(RecordDict(), dst_node_id=n, message_type=P.DESCRIBE)
+                    for n in new[start:start + DESCRIBE_CHUNK]]
+            for reply in grid.send_and_receive(msgs, timeout=self.config.round_timeout):
+                pid = -1
+                if not reply.has_error() and isinstance(m := reply.content.get(P.METRICS), MetricRecord):
+                    value = m.get(P.PARTITION_ID, -1)
+                    pid = int(value) if isinstance(value, (int, float)) else -1
+                self.partitions[reply.metadata.src_node_id] = pid
         for n in new:
             self.partitions.setdefault(n, -1)
 

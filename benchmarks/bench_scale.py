@@ -1,0 +1,802 @@
+"""How AutoFLIP simulations scale with the number of clients: peak memory and seconds per round.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_scale                    # 100, 500 and 1000 clients (a few minutes on 2 cores)
+    python -m benchmarks.bench_scale --quick            # 20 clients, 1 round (the smoke test)
+    python -m benchmarks.bench_scale --ray-head         # the same, on a private `ray start --head` cluster
+    python -m benchmarks.bench_scale --ray-address 127.0.0.1:6379   # on a Ray cluster you started
+
+Every run is a real Flower simulation through :func:`runner.simulation.run_simulation`
+(its own SuperLink, ``flwr-simulation`` with the ServerApp, Ray with the ClientApp
+actors). All client counts use the same *number* of clients per stage (10 explorers,
+10 trainers per round), so the fraction sampled falls as clients are added: any
+growth of memory or time is then the cost of clients that are *not* sampled.
+
+What is measured
+----------------
+* **Memory**: a sampler thread in this process reads ``/proc`` every 0.25 s and
+  sums the resident set size (RSS) and the proportional set size (PSS, from
+  ``smaps_rollup``: shared pages divided among the processes sharing them) of
+  every process of the simulation: descendants of this process plus every
+  process carrying the runner's ``AUTOFLIP_RUNNER_MARKER`` in its environment
+  (Ray re-parents its daemons), plus the processes of a Ray head started with
+  ``--ray-head``. The table shows the peak of the sum over the run and the
+  peak of each kind of process (these peaks need not coincide).
+* **Seconds**: the ``seconds`` of each stage in ``results.json`` (server wall
+  time of the stage, central evaluation on ``max-eval-examples`` included).
+  Exploration (stage 0) also includes the ``query.describe`` handshake, which the
+  strategy sends once to *every* connected node on its first sampling, and the
+  one-time start of the ClientApp actor. With the same number of explorers at
+  every client count, the growth of the exploration stage between the smallest
+  and the largest count, per added node, estimates the handshake's cost.
+
+Ray clusters
+------------
+Flower 1.41 has no federation-config key for a Ray address: its Ray backend calls
+``ray.init(**init_args)`` with ``init_args`` limited to ``num_cpus``,
+``num_gpus``, ``logging_level`` and ``log_to_driver``. ``ray.init()`` without an
+address honours the ``RAY_ADDRESS`` environment variable, and the simulation
+process inherits the SuperLink's environment, so a simulation attaches to an
+existing cluster when ``RAY_ADDRESS`` is set where the SuperLink is started
+(``runner.simulation`` copies this process's environment into it). When attached,
+``init-args-num-cpus`` must stay unset (Ray refuses ``num_cpus`` for an existing
+cluster); the cluster's CPUs divided by ``client-resources-num-cpus`` gives the
+number of ClientApp actors. :class:`RayHead` starts a private single-node cluster
+(own temp dir and ports, so it neither collides with nor is found by other Ray
+instances on the machine) and stops exactly its own processes; ``ray stop`` is
+never used because it kills every Ray process of the machine.
+:func:`cluster_evidence` proves a run used the cluster: the cluster's job
+table (GCS) holds a job whose driver was ``flwr-simulation``, and the head's
+worker logs of that job name the ``ClientAppActor`` actors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+RUNNER_MARKER_VAR = "AUTOFLIP_RUNNER_MARKER"  # runner.simulation.MARKER_VAR (kept literal: no import cost)
+HEAD_MARKER_VAR = "AUTOFLIP_RAY_HEAD_MARKER"
+GIB = 2**30
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def shared_data() -> Path:
+    """The shared data folder beside the checkout (as in ``benchmarks.suite``; override with AUTOFLIP_SHARED_DATA)."""
+    return Path(os.environ.get("AUTOFLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+# ------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Settings:
+    client_counts: tuple[int, ...] = (100, 500, 1000)
+    per_round: int = 10  # clients trained per round, the same at every client count
+    explorers: int = 10  # clients exploring in stage 0, the same at every client count
+    rounds: int = 3
+    dataset: str = "mnist"
+    client_cpus: int = 2  # client-resources-num-cpus: 2 -> one ClientApp actor on this 2-core machine
+    local_epochs: int = 1
+    explore_epochs: int = 1
+    batch_size: int = 32
+    max_eval_examples: int = 1000
+    sample_interval: float = 0.25
+    timeout: float = 1800.0
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(client_counts=(20,), per_round=2, explorers=2, rounds=1, dataset="digits")
+
+
+def resolve_data(dataset: str) -> tuple[str, str, list[str]]:
+    """(dataset, data-dir, notes): MNIST from the shared folder, else digits with a note."""
+    notes: list[str] = []
+    if dataset == "digits":
+        return "digits", "", notes
+    folder = shared_data() / "mnist" if dataset == "mnist" else Path("/usr/share/datasets/fashion-mnist")
+    if folder.is_dir() and any(folder.glob("*idx3-ubyte*")):
+        return dataset, str(folder), notes
+    notes.append(f"{dataset} not found at {folder}: fell back to scikit-learn digits (1437 training examples), "
+                 "so 1000 iid clients hold about 1 example each; memory and timing still show the scaling, "
+                 "but the per-client work is smaller than with MNIST")
+    return "digits", "", notes
+
+
+TRAIN_EXAMPLES = {"digits": 1437, "mnist": 10_000, "fashion-mnist": 60_000}
+
+
+# ------------------------------------------------------------------ /proc
+def _read(path: str, mode: str = "r") -> Any:
+    try:
+        with open(path, mode) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def _cpu(pid: int) -> tuple[int, float] | None:
+    """(start time in ticks, user + system CPU seconds) of a process."""
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    return int(fields[19]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _environ_markers(pid: int, names: tuple[str, ...]) -> dict[str, str]:
+    raw = _read(f"/proc/{pid}/environ", "rb")
+    if not raw:
+        return {}
+    found = {}
+    for item in raw.split(b"\0"):
+        for name in names:
+            if item.startswith(name.encode() + b"="):
+                found[name] = item[len(name) + 1:].decode(errors="replace")
+    return found
+
+
+def _memory(pid: int) -> tuple[int, int] | None:
+    """(RSS, PSS) in bytes; PSS falls back to RSS where smaps_rollup is unreadable."""
+    statm = _read(f"/proc/{pid}/statm")
+    if statm is None:
+        return None
+    rss = int(statm.split()[1]) * PAGE
+    pss = rss
+    rollup = _read(f"/proc/{pid}/smaps_rollup")
+    if rollup:
+        m = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
+        if m:
+            pss = int(m.group(1)) * 1024
+    return rss, pss
+
+
+SIM_KIND = "simulation (ServerApp + engine)"
+ACTOR_KIND = "ray ClientApp actors"
+
+
+def process_kind(cmdline: list[str]) -> str:
+    """Group a simulation process by role (for the per-kind peaks)."""
+    text = " ".join(cmdline[:4])
+    first = cmdline[0] if cmdline else ""
+    if "flower-superlink" in text:
+        return "superlink"
+    if "flower-superexec" in text:
+        return "superexec"
+    if "flwr-simulation" in text:
+        return SIM_KIND
+    if "flwr-serverapp" in text:
+        return "serverapp"
+    if re.search(r"(^|/)flwr( |$)", text):
+        return "flwr CLI"
+    if first.startswith("ray::ClientAppActor") or first.startswith("ray::IDLE") or "default_worker.py" in text:
+        return ACTOR_KIND
+    if first.startswith("ray::") or "/ray/" in text or "ray start" in text or "ray.util.client" in text:
+        return "ray system"
+    return "other"
+
+
+@dataclass
+class MemoryPeak:
+    rss: int = 0
+    pss: int = 0
+    processes: int = 0
+    by_kind_rss: dict[str, int] = field(default_factory=dict)
+    by_kind_pss: dict[str, int] = field(default_factory=dict)
+    by_kind_count: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+    cpu_by_kind: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the run
+    # (s, RSS GiB, PSS GiB, processes, CPU s of the simulation process, CPU s of the ClientApp actors) every second
+    timeline: list[tuple[float, float, float, int, float, float]] = field(default_factory=list)
+
+
+class TreeMemorySampler(threading.Thread):
+    """Peak RSS/PSS of this process's descendants plus the processes carrying given environment markers.
+
+    Markers: the runner's ``AUTOFLIP_RUNNER_MARKER`` value is learnt from any
+    descendant (the SuperLink is a child of this process), so re-parented Ray
+    daemons and actors are found too; ``extra_markers`` adds e.g. a Ray head's.
+    """
+
+    def __init__(self, interval: float = 0.25, extra_markers: Mapping[str, str] | None = None) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.extra = dict(extra_markers or {})
+        self.peak = MemoryPeak()
+        self._stop_event = threading.Event()
+        self._t0 = time.monotonic()
+        self._last_timeline = -1.0
+        self._cpu: dict[tuple[int, int], tuple[str, float, float]] = {}  # (pid, start) -> (kind, first, last)
+        self.markers_seen: set[str] = set()
+
+    def stop(self) -> MemoryPeak:
+        self._stop_event.set()
+        self.join(timeout=10)
+        return self.peak
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.sample()
+            except Exception as exc:  # never let the sampler kill the benchmark
+                print(f"memory sampler: {exc!r}", file=sys.stderr)
+            self._stop_event.wait(self.interval)
+
+    def _members(self) -> set[int]:
+        me = os.getpid()
+        table: dict[int, tuple[str, int]] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
+                table[int(entry.name)] = st
+        children: dict[int, list[int]] = {}
+        for pid, (_, ppid) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        found: set[int] = set()
+        stack = list(children.get(me, []))
+        while stack:
+            pid = stack.pop()
+            if pid not in found:
+                found.add(pid)
+                stack.extend(children.get(pid, []))
+        for pid in found:
+            value = _environ_markers(pid, (RUNNER_MARKER_VAR,)).get(RUNNER_MARKER_VAR)
+            if value:
+                self.markers_seen.add(value)
+        wanted = {(RUNNER_MARKER_VAR, v) for v in self.markers_seen} | set(self.extra.items())
+        names = tuple({n for n, _ in wanted})
+        if names:
+            for pid in table.keys() - found - {me}:
+                env = _environ_markers(pid, names)
+                if any((n, v) in wanted for n, v in env.items()):
+                    found.add(pid)
+        return {p for p in found if table[p][0] != "Z"}
+
+    def sample(self) -> None:
+        pids = self._members()
+        rss_total = pss_total = 0
+        kinds_rss: dict[str, int] = {}
+        kinds_pss: dict[str, int] = {}
+        kinds_count: dict[str, int] = {}
+        for pid in pids:
+            mem = _memory(pid)
+            if mem is None:
+                continue
+            raw = _read(f"/proc/{pid}/cmdline", "rb") or b""
+            cmd = [c.decode(errors="replace") for c in raw.split(b"\0") if c]
+            kind = process_kind(cmd)
+            if (cpu := _cpu(pid)) is not None:
+                key = (pid, cpu[0])
+                if key in self._cpu:
+                    old_kind, first, _ = self._cpu[key]
+                    kind = old_kind if kind == "other" else kind  # an exiting process loses its cmdline
+                else:  # count from the first sample for processes older than the run
+                    first = cpu[1] if self.peak.samples == 0 else 0.0
+                self._cpu[key] = (kind, first, cpu[1])
+            rss_total += mem[0]
+            pss_total += mem[1]
+            kinds_rss[kind] = kinds_rss.get(kind, 0) + mem[0]
+            kinds_pss[kind] = kinds_pss.get(kind, 0) + mem[1]
+            kinds_count[kind] = kinds_count.get(kind, 0) + 1
+        p = self.peak
+        p.samples += 1
+        if rss_total > p.rss:
+            p.rss, p.processes = rss_total, len(pids)
+        p.pss = max(p.pss, pss_total)
+        for k, v in kinds_rss.items():
+            p.by_kind_rss[k] = max(p.by_kind_rss.get(k, 0), v)
+        for k, v in kinds_pss.items():
+            p.by_kind_pss[k] = max(p.by_kind_pss.get(k, 0), v)
+        for k, v in kinds_count.items():
+            p.by_kind_count[k] = max(p.by_kind_count.get(k, 0), v)
+        cpu_by_kind: dict[str, float] = {}
+        for kind, first, last in self._cpu.values():
+            cpu_by_kind[kind] = cpu_by_kind.get(kind, 0.0) + last - first
+        p.cpu_by_kind = cpu_by_kind
+        now = time.monotonic() - self._t0
+        if now - self._last_timeline >= 1.0:
+            self._last_timeline = now
+            p.timeline.append((round(now, 1), round(rss_total / GIB, 3), round(pss_total / GIB, 3), len(pids),
+                               round(cpu_by_kind.get(SIM_KIND, 0.0), 2), round(cpu_by_kind.get(ACTOR_KIND, 0.0), 2)))
+
+
+# ------------------------------------------------------------------ Ray head
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_bin() -> str:
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.exists() else (shutil.which("ray") or "ray")
+
+
+class RayHead:
+    """A private single-node Ray cluster (``ray start --head --block``) on loopback.
+
+    Its own ``--temp-dir`` (also ``RAY_TMPDIR``, so the ``ray_current_cluster``
+    file that lets a bare ``ray.init()`` find a cluster is written there, not in
+    ``/tmp/ray`` where other simulations on this machine would pick it up), its
+    own free ports, and an environment marker on every process it starts.
+    :meth:`stop` sends SIGTERM to the blocking ``ray start`` (which stops its
+    daemons), then kills whatever still carries the marker; it never runs
+    ``ray stop``, which kills every Ray process on the machine.
+
+    Ray resolves ``--node-ip-address 127.0.0.1`` to the host's outward IP for its
+    node records, and the GCS listens on all interfaces; clients connect through
+    ``127.0.0.1:<port>`` all the same.
+    """
+
+    def __init__(self, num_cpus: int = 2) -> None:
+        self.num_cpus = num_cpus
+        self.marker = uuid.uuid4().hex
+        self.temp_dir = ""
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        ports = {"--ray-client-server-port": _free_port(), "--dashboard-port": _free_port(),
+                 "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+                 "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port()}
+        return [_ray_bin(), "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
+                "--num-cpus", str(self.num_cpus), "--disable-usage-stats", "--temp-dir", self.temp_dir,
+                "--include-dashboard", "false", *[str(x) for kv in ports.items() for x in kv], "--block"]
+
+    def start(self, timeout: float = 120.0) -> str:
+        # A short path: Ray puts unix sockets under it (107-byte limit).
+        self.temp_dir = tempfile.mkdtemp(prefix="afray-", dir="/tmp")
+        env = dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_USAGE_STATS_ENABLED="0",
+                   RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", **{HEAD_MARKER_VAR: self.marker})
+        env.pop("RAY_ADDRESS", None)
+        env.pop(RUNNER_MARKER_VAR, None)
+        self.port = _free_port()
+        log = Path(self.temp_dir) / "ray-start.log"
+        with log.open("wb") as f:
+            self.proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stdout=f,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            if "Ray runtime started" in text:
+                return self.address
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        tail = log.read_text(errors="replace")[-3000:]
+        self.stop()
+        raise RuntimeError(f"`ray start --head` did not come up:\n{tail}")
+
+    def pids(self) -> list[int]:
+        found = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                pid = int(entry.name)
+                if _environ_markers(pid, (HEAD_MARKER_VAR,)).get(HEAD_MARKER_VAR) == self.marker:
+                    st = _stat(pid)
+                    if st and st[0] != "Z":
+                        found.append(pid)
+        return found
+
+    def session_logs(self) -> Path:
+        return Path(self.temp_dir) / "session_latest" / "logs"
+
+    def stop(self, keep_temp: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=20)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = self.pids()
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 5
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = self.pids()
+            if not left:
+                break
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        if self.temp_dir and not keep_temp:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> RayHead:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def resolve_ray_address(value: str) -> str:
+    """``auto``: the cluster last started with ``ray start`` (its ``ray_current_cluster`` file);
+    anything else is taken as ``HOST:PORT`` (or ``ray://...``).
+
+    Deliberately not Ray's own "auto" fallback, which connects to *any* GCS process
+    it sees, e.g. the private Ray instance of another simulation on this machine.
+    """
+    if value != "auto":
+        return value
+    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    path = Path(base or "/tmp") / "ray" / "ray_current_cluster"
+    if not path.is_file():
+        raise SystemExit(f"--ray-address auto: no {path}; start a head with `ray start --head` "
+                         "or pass HOST:PORT")
+    return path.read_text().strip()
+
+
+@contextlib.contextmanager
+def ray_address_env(address: str | None) -> Iterator[None]:
+    """Set ``RAY_ADDRESS`` for the SuperLinks started meanwhile (the runner copies os.environ)."""
+    old = os.environ.get("RAY_ADDRESS")
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    else:
+        os.environ.pop("RAY_ADDRESS", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
+
+
+def cluster_jobs(address: str) -> list[dict[str, Any]]:
+    """The cluster's job table (from its GCS): one dict per driver that ever connected.
+
+    Uses ``ray._raylet.GcsClient`` (no dashboard needed); an empty list where it is unavailable.
+    """
+    try:
+        from ray._raylet import GcsClient
+
+        table = GcsClient(address=address).get_all_job_info()
+    except Exception as exc:  # private API: degrade, the worker logs remain as evidence
+        print(f"cannot read the job table of {address}: {exc!r}", file=sys.stderr)
+        return []
+    jobs = []
+    for job_id, info in table.items():
+        jobs.append({"job_id": job_id.hex(), "driver_pid": int(info.driver_pid), "is_dead": bool(info.is_dead),
+                     "start_time_ms": int(info.start_time), "end_time_ms": int(info.end_time),
+                     "entrypoint": str(info.entrypoint)[:300]})
+    return jobs
+
+
+def cluster_evidence(address: str, since_ms: int, session_logs: Path | None = None) -> dict[str, Any]:
+    """Did a Flower simulation run on the cluster at ``address`` after ``since_ms``?
+
+    ``flwr_jobs``: jobs whose driver was ``flwr-simulation``; ``actor_workers``:
+    worker logs of those jobs that name ``ClientAppActor`` (only when the head's
+    log folder is local, i.e. a :class:`RayHead`).
+    """
+    jobs = [j for j in cluster_jobs(address) if j["start_time_ms"] >= since_ms - 5000]
+    flwr = [j for j in jobs if "flwr-simulation" in j["entrypoint"]]
+    actors: list[str] = []
+    if session_logs is not None:
+        for job in flwr:
+            for path in glob.glob(str(session_logs / f"worker-*-{job['job_id']}-*.out")):
+                if ":actor_name:ClientAppActor" in (_read(path) or ""):
+                    actors.append(os.path.basename(path))
+    return {"address": address, "flwr_jobs": flwr, "actor_workers": sorted(actors),
+            "used_cluster": bool(flwr) and (session_logs is None or bool(actors))}
+
+
+# ------------------------------------------------------------------ runs
+def base_config(s: Settings, dataset: str, data_dir: str, n: int, strategy: str = "autoflip") -> dict[str, Any]:
+    return {"strategy": strategy, "dataset": dataset, "data-dir": data_dir, "partitioning": "iid",
+            "num-server-rounds": s.rounds, "local-epochs": s.local_epochs, "explore-epochs": s.explore_epochs,
+            "batch-size": s.batch_size, "max-eval-examples": s.max_eval_examples,
+            "fraction-train": s.per_round / n, "min-train-nodes": s.per_round,
+            "explore-fraction": s.explorers / n, "min-available-nodes": n, "seed": 0, "run-name": "run"}
+
+
+def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHead | None,
+                ray_address: str | None) -> dict[str, Any]:
+    """One simulation with the memory sampler running; its results.json condensed."""
+    from runner.simulation import load_results, run_simulation
+
+    extra = {HEAD_MARKER_VAR: head.marker} if head else None
+    sampler = TreeMemorySampler(s.sample_interval, extra)
+    progress: list[tuple[float, str]] = []
+    started_ms = int(time.time() * 1000)
+    t0 = time.monotonic()
+    load0 = os.getloadavg()
+    sampler.start()
+    try:
+        with ray_address_env(ray_address):
+            path = run_simulation(cfg, n, output_dir=out, timeout=s.timeout, client_cpus=s.client_cpus,
+                                  stream_to=lambda line: progress.append((round(time.monotonic() - t0, 2), line))
+                                  if line.startswith("[") or line.startswith("AutoFLIP run") else None)
+    finally:
+        peak = sampler.stop()
+    wall = time.monotonic() - t0
+    rounds = load_results(path)["rounds"]
+    stage0 = rounds[0]
+    train = [r for r in rounds if r["phase"] == "train"]
+    row = {
+        "strategy": cfg["strategy"], "num_clients": n, "dataset": cfg["dataset"],
+        "examples_per_client": TRAIN_EXAMPLES.get(cfg["dataset"], 0) / n,
+        "fraction_train": cfg["fraction-train"], "explore_fraction": cfg["explore-fraction"],
+        "explorers": len(stage0["sampled"]) if stage0["phase"] == "explore" else 0,
+        "sampled_per_round": [len(r["sampled"]) for r in train],
+        "replied_per_round": [len(r["replied"]) for r in train],
+        "stage0_phase": stage0["phase"], "stage0_seconds": stage0["seconds"],
+        "train_seconds": [r["seconds"] for r in train],
+        "train_seconds_mean": statistics.fmean(r["seconds"] for r in train) if train else float("nan"),
+        "client_train_seconds": [r["client_train_seconds"] for r in rounds],
+        "accuracy": [r["accuracy"] for r in rounds],
+        "wall_seconds": wall,
+        "peak_rss_gib": peak.rss / GIB, "peak_pss_gib": peak.pss / GIB, "processes_at_peak": peak.processes,
+        "peak_rss_gib_by_kind": {k: v / GIB for k, v in sorted(peak.by_kind_rss.items())},
+        "peak_pss_gib_by_kind": {k: v / GIB for k, v in sorted(peak.by_kind_pss.items())},
+        "max_processes_by_kind": dict(sorted(peak.by_kind_count.items())),
+        "cpu_seconds_by_kind": {k: round(v, 2) for k, v in sorted(peak.cpu_by_kind.items())},
+        "memory_samples": peak.samples, "timeline": peak.timeline, "progress_lines": progress,
+        "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+    }
+    if ray_address:
+        row["ray_cluster"] = cluster_evidence(ray_address, started_ms, head.session_logs() if head else None)
+    return row
+
+
+def engine_sweep_costs(pairs: tuple[tuple[int, int], ...], reps: int = 2) -> list[dict[str, Any]]:
+    """CPU seconds of one pass of Flower 1.41's simulation message extractor over all nodes.
+
+    ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`` calls
+    ``InMemoryLinkState.get_message_ins(node_id, limit=1)`` for *every* registered
+    node, then sleeps 0.1 s, for as long as the run lasts; each call scans every
+    message in the store (``_check_stored_messages`` on each). One pass therefore
+    costs O(nodes x messages in flight). Rebuilt here on the real classes with
+    (nodes, in-flight) pairs; messages are inserted directly into the store (as
+    ``store_message_ins`` would after validation). Uses Flower internals: returns
+    [] if they moved.
+    """
+    try:
+        from flwr.app import Message, RecordDict
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+        from flwr.server.superlink.linkstate import LinkStateFactory
+        from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+        from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+        from flwr.supercore.object_store import ObjectStoreFactory
+        from flwr.supercore.run import Run
+        from flwr.supercore.task_identity import TaskIdentity
+        from flwr.superlink.federation import NoOpFederationManager
+    except ImportError as exc:
+        print(f"engine sweep measurement skipped: {exc!r}", file=sys.stderr)
+        return []
+    rows = []
+    try:
+        # lets Message() be built outside a run
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+        for nodes, in_flight in pairs:
+            factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+            state = factory.state()
+            run = Run.create_empty(1)
+            run.federation_id = NOOP_FEDERATION_ID
+            state.run_ids[1] = RunRecord(run=run)
+            node_ids = list(_register_nodes(nodes, factory))
+            for node in node_ids[:in_flight]:
+                msg = Message(RecordDict(), dst_node_id=node, message_type="query.describe")
+                md = msg.metadata.__dict__
+                md.update(_run_id=1, _src_node_id=SUPERLINK_NODE_ID, _created_at=time.time(), _ttl=3600.0,
+                          _message_id=uuid.uuid4().hex)
+                state.message_ins_store[msg.metadata.message_id] = msg
+            passes = []
+            for _ in range(reps):  # the first pass also marks the messages delivered; later ones skip them
+                t = time.process_time()
+                for node in node_ids:
+                    state.get_message_ins(node_id=node, limit=1)
+                passes.append(time.process_time() - t)
+            rows.append({"nodes": nodes, "in_flight": in_flight, "first_pass_cpu_s": passes[0],
+                         "later_pass_cpu_s": statistics.fmean(passes[1:]) if len(passes) > 1 else passes[0]})
+    except Exception as exc:  # internals changed: report, do not fail the benchmark
+        print(f"engine sweep measurement failed: {exc!r}", file=sys.stderr)
+    return rows
+
+
+def _gib(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    runs = [r for r in res["runs"] if r["strategy"] == "autoflip"]
+    actors = max(res["machine"]["cpus"] // s["client_cpus"], 1)
+    lines = [
+        f"### Scale: AutoFLIP simulations with {', '.join(str(r['num_clients']) for r in runs)} clients",
+        "",
+        f"{s['dataset']} iid, CNN, {s['explorers']} explorers and {s['per_round']} trainers per round at every "
+        f"client count, {s['rounds']} round(s), local-epochs {s['local_epochs']}, explore-epochs "
+        f"{s['explore_epochs']}, client-resources-num-cpus {s['client_cpus']} ({res['machine']['cpus']} cores: "
+        f"{actors} ClientApp actor{'s' if actors > 1 else ''}), central evaluation on {s['max_eval_examples']} "
+        f"test examples.",
+        "",
+        "| clients | examples / client | explorers (fraction) | trained / round (fraction) | peak RSS GiB "
+        "| peak PSS GiB | simulation proc RSS GiB | Ray actors RSS GiB | Ray system RSS GiB "
+        "| exploration s | train s / round | run wall s | CPU s simulation proc / actors | load avg |",
+        "|" + "---|" * 14,
+    ]
+    for r in runs:
+        by, cpu = r["peak_rss_gib_by_kind"], r["cpu_seconds_by_kind"]
+        train = ", ".join(f"{x:.1f}" for x in r["train_seconds"])
+        load = (r["loadavg_before"][0] + r["loadavg_after"][0]) / 2
+        lines.append(
+            f"| {r['num_clients']} | {r['examples_per_client']:.1f} | {r['explorers']} ({r['explore_fraction']:.1%}) "
+            f"| {max(r['sampled_per_round'], default=0)} ({r['fraction_train']:.1%}) | {_gib(r['peak_rss_gib'])} "
+            f"| {_gib(r['peak_pss_gib'])} | {_gib(by.get(SIM_KIND, 0))} | {_gib(by.get(ACTOR_KIND, 0))} "
+            f"| {_gib(by.get('ray system', 0))} | {r['stage0_seconds']:.1f} | {r['train_seconds_mean']:.2f} ({train}) "
+            f"| {r['wall_seconds']:.0f} | {cpu.get(SIM_KIND, 0):.0f} / {cpu.get(ACTOR_KIND, 0):.0f} | {load:.1f} |")
+    if len(runs) >= 2:
+        lo, hi = runs[0], runs[-1]
+        lines += ["", f"Peak PSS with {hi['num_clients']} vs {lo['num_clients']} clients (same number sampled): "
+                      f"{hi['peak_pss_gib']:.2f} vs {lo['peak_pss_gib']:.2f} GiB "
+                      f"({(hi['peak_pss_gib'] / lo['peak_pss_gib'] - 1):+.1%}); peak RSS "
+                      f"{hi['peak_rss_gib']:.2f} vs {lo['peak_rss_gib']:.2f} GiB "
+                      f"({(hi['peak_rss_gib'] / lo['peak_rss_gib'] - 1):+.1%})."]
+    est = res.get("describe_estimate")
+    if est:
+        lines += ["", f"`query.describe` handshake (sent once per run to every node, inside the exploration "
+                      f"stage): exploration grows by {1000 * est['seconds_per_node']:.1f} ms per added node from "
+                      f"{est['from_clients']} to {est['to_clients']} clients (same explorers), i.e. about "
+                      f"{est['seconds_at_max']:.0f} s for all {est['to_clients']} nodes. Exploration also holds the "
+                      f"one-time start of the ClientApp actor (imports, data loading), the same at every count."]
+    sweeps = res.get("engine_sweeps") or []
+    if sweeps:
+        lines += ["", "Flower 1.41's simulation engine polls every node for messages every 0.1 s, and each poll "
+                      "scans every message in flight, so one pass costs O(nodes x messages in flight) "
+                      "(CPU seconds of one pass, measured on Flower's own classes):", "",
+                  "| nodes | messages in flight | CPU s per pass |", "|---|---|---|"]
+        lines += [f"| {w['nodes']} | {w['in_flight']} | {w['later_pass_cpu_s']:.3f} |" for w in sweeps]
+    for r in res["runs"]:
+        ev = r.get("ray_cluster")
+        if ev:
+            jobs = ", ".join(f"{j['job_id']} (driver pid {j['driver_pid']})" for j in ev["flwr_jobs"]) or "none"
+            lines += ["", f"Ray cluster {ev['address']} ({r['num_clients']} clients): flwr-simulation jobs in its "
+                          f"job table: {jobs}; ClientAppActor worker logs on the head: {len(ev['actor_workers'])}; "
+                          f"used the cluster: {'yes' if ev['used_cluster'] else 'NO'}."]
+    lines += ["", "RSS sums count shared pages (torch libraries) once per process; PSS divides them among the "
+                  "processes sharing them and is the better total. Per-kind columns are each kind's own peak. "
+                  "Seconds are server wall time per stage from results.json (central evaluation included); "
+                  "exploration includes the one-time `query.describe` handshake to every node. The machine has "
+                  f"{res['machine']['cpus']} cores shared with other work (load average column: mean of the "
+                  "1-minute load before and after the run), so wall times are noisy; CPU seconds are less so."]
+    for note in res["notes"]:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "n/a"
+
+    mem = _read("/proc/meminfo") or ""
+    m = re.search(r"MemTotal:\s+(\d+) kB", mem)
+    return {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "mem_gib": int(m.group(1)) / 2**20 if m else None, "python": platform.python_version(),
+            "flwr": version("flwr"), "ray": version("ray"), "torch": version("torch"),
+            "loadavg_start": os.getloadavg()}
+
+
+def run(s: Settings, out: Path, ray_address: str | None = None, ray_head: bool = False,
+        command: str = "") -> dict[str, Any]:
+    dataset, data_dir, notes = resolve_data(s.dataset)
+    res: dict[str, Any] = {"command": command, "settings": {**asdict(s), "dataset": dataset, "data_dir": data_dir},
+                           "machine": machine_info(), "runs": [], "notes": notes}
+    if s.client_cpus == 2:
+        notes.append("client-resources-num-cpus=2 gives one ClientApp actor on this 2-core machine: two actors (=1) "
+                     "were found no faster on 2 cores (shared/docs/flower-notes.md) and each costs about 0.8 GB "
+                     "more; the 'Ray actors' column also holds the idle Ray workers Ray keeps ready")
+    runs_dir = Path(tempfile.mkdtemp(prefix="autoflip-scale-"))  # results.json files, condensed into scale.json
+    head = RayHead(num_cpus=res["machine"]["cpus"]) if ray_head else None
+    try:
+        if head is not None:
+            ray_address = head.start()
+            print(f"private Ray head at {ray_address} (temp dir {head.temp_dir})", flush=True)
+        res["ray_address"] = ray_address
+        for n in s.client_counts:
+            print(f"[scale] {n} clients ...", flush=True)
+            row = measure_run(s, base_config(s, dataset, data_dir, n), n, runs_dir / f"autoflip-{n}", head,
+                              ray_address)
+            res["runs"].append(row)
+            print(f"[scale] {n} clients: peak RSS {row['peak_rss_gib']:.2f} GiB, PSS {row['peak_pss_gib']:.2f} GiB, "
+                  f"exploration {row['stage0_seconds']:.1f} s, train {row['train_seconds_mean']:.2f} s/round, "
+                  f"wall {row['wall_seconds']:.0f} s", flush=True)
+        autoflip = [r for r in res["runs"] if r["strategy"] == "autoflip"]
+        if len(autoflip) >= 2:
+            lo, hi = autoflip[0], autoflip[-1]
+            per_node = (hi["stage0_seconds"] - lo["stage0_seconds"]) / (hi["num_clients"] - lo["num_clients"])
+            res["describe_estimate"] = {"from_clients": lo["num_clients"], "to_clients": hi["num_clients"],
+                                        "seconds_per_node": per_node,
+                                        "seconds_at_max": per_node * hi["num_clients"]}
+        pairs = tuple(p for n in s.client_counts for p in ((n, s.per_round), (n, n)))
+        res["engine_sweeps"] = engine_sweep_costs(pairs)
+    finally:
+        if head is not None:
+            head.stop()
+        shutil.rmtree(runs_dir, ignore_errors=True)
+    res["markdown"] = markdown(res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 clients (digits), 1 round (smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for scale.md and scale.json")
+    parser.add_argument("--clients", type=int, nargs="+", help="client counts (default 100 500 1000)")
+    parser.add_argument("--rounds", type=int, help="training rounds after exploration (default 3)")
+    parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "digits"), help="default mnist")
+    parser.add_argument("--client-cpus", type=int, help="client-resources-num-cpus (default 2: one actor)")
+    ray = parser.add_mutually_exclusive_group()
+    ray.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                     help="run on an existing Ray cluster (sets RAY_ADDRESS for the simulation); "
+                          "auto = the cluster last started with `ray start` on this machine")
+    ray.add_argument("--ray-head", action="store_true",
+                     help="start a private `ray start --head` cluster on loopback, run on it, stop it")
+    args = parser.parse_args(argv)
+
+    s = Settings.quick() if args.quick else Settings()
+    overrides = {k: v for k, v in (("client_counts", tuple(args.clients) if args.clients else None),
+                                   ("rounds", args.rounds), ("dataset", args.dataset),
+                                   ("client_cpus", args.client_cpus)) if v is not None}
+    if overrides:
+        s = Settings(**(asdict(s) | overrides))
+    address = resolve_ray_address(args.ray_address) if args.ray_address else None
+    command = "python -m benchmarks.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = run(s, args.out, address, args.ray_head, command.strip())
+    print(res["markdown"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.md").write_text(res["markdown"])
+    (args.out / "scale.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    outcome = main()
+    failed = [r for r in outcome["runs"] if r.get("ray_cluster") and not r["ray_cluster"]["used_cluster"]]
+    sys.exit(1 if failed else 0)
