@@ -271,6 +271,7 @@ def structure_from_json(text: str) -> ModelStructure:
         raise ValueError(f"malformed model structure: {exc}") from None
     for group in structure.groups:
         for m in group.members:
-            if m.tensor not in shapes or shapes[m.tensor][m.dim] != m.chunks * group.size * m.block:
+            shape = shapes.get(m.tensor, ())
+            if not 0 <= m.dim < len(shape) or shape[m.dim] != m.chunks * group.size * m.block:
                 raise ValueError(f"malformed model structure: member {m} does not fit {group.name!r}")
     return structure

@@ -116,3 +116,10 @@ def test_stacked_lstm_is_rejected_with_a_clear_message():
         from autoflip_strategy.structure import _layer_members
 
         _layer_members("rnn", nn.LSTM(4, 8, num_layers=2), True, 1)
+
+
+def test_json_with_an_impossible_dimension_is_rejected():
+    model, x = cnn()
+    text = structure_to_json(discover_structure(model, x)).replace('["conv2.weight",1,', '["conv2.weight",7,')
+    with pytest.raises(ValueError, match="malformed"):
+        structure_from_json(text)
