@@ -448,25 +448,27 @@ class AutoFLIP(Strategy):
                 result.evaluate_metrics_serverapp[0] = evaluation
             self._finish_round(evaluation, None)
 
+        arrays = None  # the global model as an ArrayRecord: serialised once per round and shared
         for server_round in range(max(done, 0) + 1, num_rounds + 1):
             self._new_round(server_round, "train")
             self._update_mask(server_round)
             sent = list(self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid))
             replies = self._replies(sent, grid.send_and_receive(sent, timeout=self.config.round_timeout))
             arrays, metrics = self.aggregate_train(server_round, replies)
+            arrays = arrays if arrays is not None else self.global_arrays()
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
             federated = None
-            sent = list(self.configure_evaluate(server_round, self.global_arrays(), ConfigRecord(), grid))
+            sent = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
             if sent:
                 federated = self.aggregate_evaluate(
                     server_round, self._replies(sent, grid.send_and_receive(sent, timeout=self.config.round_timeout)))
                 if federated is not None:
                     result.evaluate_metrics_clientapp[server_round] = federated
-            evaluation = evaluate_fn(server_round, self.global_arrays()) if evaluate_fn else None
+            evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None
             if evaluation is not None:
                 result.evaluate_metrics_serverapp[server_round] = evaluation
             self._finish_round(evaluation, federated)
-        result.arrays = self.global_arrays()
+        result.arrays = arrays if arrays is not None else self.global_arrays()
         return result
 

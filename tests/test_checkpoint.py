@@ -27,6 +27,7 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert load_checkpoint(path)["round"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_loading_refuses_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
