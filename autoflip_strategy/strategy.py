@@ -230,16 +230,18 @@ class AutoFLIP(Strategy):
         dense_flops = self._flops()
         for reply in self._replies(sent, grid.send_and_receive(sent, timeout=c.round_timeout)):
             node = reply.metadata.src_node_id
+            if isinstance(guidance := reply.content.get(P.GUIDANCE), ArrayRecord):
+                self._round["bytes_up"] += record_nbytes(guidance)  # received, accepted or not
             try:
                 matrix, n, epochs = self._validate_guidance(reply.content)
+                seconds = finite_metric(reply.content[P.METRICS], P.TRAIN_SECONDS)
             except RejectedReply as exc:
                 self._note_failure("rejected", node, str(exc))
                 continue
-            self._round["bytes_up"] += record_nbytes(reply.content[P.GUIDANCE])
             self._round["analytic_bytes_up"] += (16 if c.guidance_precision == "float16" else 32) * \
                 self.structure.num_prunable // 8
             self._round["train_flops"] += dense_flops * n * epochs
-            self._round["client_train_seconds"] += float(reply.content[P.METRICS].get(P.TRAIN_SECONDS, 0.0))
+            self._round["client_train_seconds"] += seconds
             self._round["replied"].append(self.partitions[node])
             matrices.append(matrix)
             weights.append(float(n) if c.explore_weighting == "examples" else 1.0)
