@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -56,12 +54,25 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
+
+from runner.simulation import (  # shared launcher helpers
+    _bin,
+    _emit,
+    _free_port,
+    _has_marker,
+    _proc_stat,
+    _tail,
+    find_results,
+    load_results,
+    parse_overrides,
+    toml_key,
+    toml_value,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENERATE_CERTS = REPO_ROOT / "docker" / "generate_certs.sh"
@@ -86,7 +97,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 LineSink = Callable[[str], None] | TextIO
 
@@ -130,52 +140,6 @@ class RunRecord:
 
 
 # ---------------------------------------------------------------- helpers
-def toml_value(value: Any) -> str:
-    """One run-config value as TOML (strings quoted and escaped, bools lowercase)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        return json.dumps(os.fspath(value), ensure_ascii=True)  # a JSON string is a TOML basic string
-    raise TypeError(f"config values must be str, bool, int or float, got {value!r} ({type(value).__name__})")
-
-
-def toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=True)
-
-
-def _bin(name: str) -> str:
-    """A console script of the running interpreter's environment (falls back to PATH)."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise DeploymentError(f"cannot find the `{name}` command (is flwr installed in this environment?)")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time in clock ticks) of a process, or None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
 
 
 def _cmdline(pid: int) -> str:
@@ -185,20 +149,9 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _has_marker(pid: int, tag: bytes) -> bool:
-    try:
-        return tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
 def _is_alive(pid: int, start: int) -> bool:
     st = _proc_stat(pid)
     return st is not None and st[0] != "Z" and (not start or st[2] == start)
-
-
-def _tail(lines: Iterable[str], n: int = TAIL_LINES) -> str:
-    return "\n".join(deque(lines, maxlen=n))
 
 
 def _file_text(path: Path) -> str:
@@ -206,16 +159,6 @@ def _file_text(path: Path) -> str:
         return _ANSI.sub("", path.read_text(errors="replace"))
     except OSError:
         return ""
-
-
-def _emit(sink: LineSink | None, line: str) -> None:
-    if sink is None:
-        return
-    if hasattr(sink, "write"):
-        sink.write(line + "\n")
-        sink.flush()
-    else:
-        sink(line)
 
 
 def _json_in(text: str) -> dict[str, Any]:
@@ -229,22 +172,6 @@ def _json_in(text: str) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
     raise ValueError(f"no JSON object in {text[-500:]!r}")
-
-
-def find_results(output_dir: Path, pattern: str = RESULTS_PATTERN) -> dict[Path, int]:
-    """Every results file under ``output_dir`` (resolved) with its modification time (ns)."""
-    output_dir = Path(output_dir)
-    found: dict[Path, int] = {}
-    for p in output_dir.glob(pattern) if output_dir.is_dir() else []:
-        try:
-            found[p.resolve()] = p.stat().st_mtime_ns
-        except OSError:
-            pass
-    return found
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
 
 
 # ------------------------------------------------------------ federation
@@ -835,17 +762,6 @@ class LoopbackFederation:
 
 
 # ----------------------------------------------------------------------- CLI
-def _parse_overrides(text: str) -> dict[str, Any]:
-    import tomllib
-
-    pattern = r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)"
-    leftover = re.sub(pattern, "", text).strip()
-    if leftover:
-        raise ValueError(f"cannot parse {leftover!r} in {text!r}: expected key=value pairs")
-    try:
-        return tomllib.loads("\n".join(f"{toml_key(k)} = {v}" for k, v in re.findall(pattern, text)))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"invalid override {text!r}: values are TOML (strings in quotes): {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -865,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides: dict[str, Any] = {}
         for text in args.run_config:
-            overrides.update(_parse_overrides(text))
+            overrides.update(parse_overrides(text))
     except ValueError as exc:
         parser.error(str(exc))
     overrides[OUTPUT_DIR_KEY] = str(args.output_dir.resolve())
