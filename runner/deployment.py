@@ -65,6 +65,7 @@ from runner.simulation import (  # shared launcher helpers
     _emit,
     _free_port,
     _has_marker,
+    _our_processes,
     _proc_stat,
     _tail,
     find_results,
@@ -304,24 +305,8 @@ class LoopbackFederation:
     def processes(self) -> dict[int, int]:
         """pid -> start time of every live process that is ours: those started here, their
         descendants, and any process that carries this federation's marker."""
-        table: dict[int, tuple[str, int, int]] = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
-                table[int(entry.name)] = st
-        children: dict[int, list[int]] = {}
-        for pid, (_, ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        found: set[int] = set()
-        stack = [p.pid for p in self._popens.values() if p.pid in table and p.returncode is None]
-        while stack:
-            pid = stack.pop()
-            if pid not in found:
-                found.add(pid)
-                stack.extend(children.get(pid, []))
-        tag = f"{MARKER_VAR}={self.marker}".encode()
-        found |= {pid for pid in table if pid not in found and _has_marker(pid, tag)}
-        found.discard(os.getpid())
-        return {pid: table[pid][2] for pid in found if table[pid][0] != "Z"}
+        roots = [p.pid for p in self._popens.values() if p.returncode is None]
+        return _our_processes(roots, self.marker, MARKER_VAR)
 
     def snapshot(self) -> dict[int, int]:
         """Scan for our processes and remember them (so :meth:`alive_processes` can check them later)."""

@@ -219,8 +219,9 @@ def _has_marker(pid: int, marker: bytes) -> bool:
         return False
 
 
-def _our_processes(roots: Iterable[int], marker: str) -> dict[int, int]:
-    """pid -> start time of every live process that descends from ``roots`` or carries ``marker``."""
+def _our_processes(roots: Iterable[int], marker: str, marker_var: str = MARKER_VAR) -> dict[int, int]:
+    """pid -> start time of every live process that descends from ``roots`` or carries ``marker``
+    (in the environment variable ``marker_var``)."""
     if not Path("/proc").is_dir():  # not Linux: only the roots themselves are known
         return {pid: 0 for pid in roots if _alive(pid)}
     table: dict[int, tuple[str, int, int]] = {}
@@ -237,7 +238,7 @@ def _our_processes(roots: Iterable[int], marker: str) -> dict[int, int]:
         if pid not in found:
             found.add(pid)
             stack.extend(children.get(pid, []))
-    tag = f"{MARKER_VAR}={marker}".encode()
+    tag = f"{marker_var}={marker}".encode()
     found |= {pid for pid in table if pid not in found and _has_marker(pid, tag)}
     found.discard(os.getpid())
     return {pid: table[pid][2] for pid in found if table[pid][0] != "Z"}

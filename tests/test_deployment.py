@@ -18,7 +18,6 @@ runs are deterministic for a given seed; measured 0.79 after 2 rounds, 0.62 afte
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from runner.deployment import LoopbackFederation, load_results
+from runner.simulation import _alive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
@@ -52,14 +52,6 @@ PROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc (Linux)")
 needs_tls_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                                      reason="docker/generate_certs.sh needs openssl and ssh-keygen")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
