@@ -60,13 +60,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
+from runner.processes import cmdline, has_marker, is_alive, marker_tag, our_processes, proc_stat, stop_all
 from runner.simulation import (  # shared launcher helpers
     _bin,
     _emit,
     _free_port,
-    _has_marker,
-    _our_processes,
-    _proc_stat,
     _tail,
     find_results,
     load_results,
@@ -141,18 +139,6 @@ class RunRecord:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def _is_alive(pid: int, start: int) -> bool:
-    st = _proc_stat(pid)
-    return st is not None and st[0] != "Z" and (not start or st[2] == start)
 
 
 def _file_text(path: Path) -> str:
@@ -306,14 +292,14 @@ class LoopbackFederation:
         """pid -> start time of every live process that is ours: those started here, their
         descendants, and any process that carries this federation's marker."""
         roots = [p.pid for p in self._popens.values() if p.returncode is None]
-        return _our_processes(roots, self.marker, MARKER_VAR)
+        return our_processes(roots, MARKER_VAR, self.marker)
 
     def snapshot(self) -> dict[int, int]:
         """Scan for our processes and remember them (so :meth:`alive_processes` can check them later)."""
         procs = self.processes()
         for pid, start in procs.items():
             if pid not in self._seen or self._seen[pid][0] != start:
-                self._seen[pid] = (start, _cmdline(pid))
+                self._seen[pid] = (start, cmdline(pid))
         return procs
 
     @property
@@ -323,32 +309,14 @@ class LoopbackFederation:
 
     def alive_processes(self) -> dict[int, str]:
         """pid -> command line of each process ever seen as ours (or carrying the marker) still alive."""
-        alive = {pid: cmd for pid, (start, cmd) in self._seen.items() if _is_alive(pid, start)}
-        tag = f"{MARKER_VAR}={self.marker}".encode()
+        alive = {pid: cmd for pid, (start, cmd) in self._seen.items() if is_alive(pid, start)}
+        tag = marker_tag(MARKER_VAR, self.marker)
         for entry in os.scandir("/proc"):
             if entry.name.isdigit() and int(entry.name) != os.getpid() and int(entry.name) not in alive:
                 pid = int(entry.name)
-                if _has_marker(pid, tag) and (st := _proc_stat(pid)) is not None and st[0] != "Z":
-                    alive[pid] = _cmdline(pid)
+                if has_marker(pid, tag) and (st := proc_stat(pid)) is not None and st[0] != "Z":
+                    alive[pid] = cmdline(pid)
         return alive
-
-    def _signal_all(self, procs: Mapping[int, int], sig: int) -> None:
-        for pid, start in procs.items():
-            if _is_alive(pid, start):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-
-    @staticmethod
-    def _wait_gone(procs: Mapping[int, int], timeout: float) -> dict[int, int]:
-        deadline = time.monotonic() + timeout
-        left = dict(procs)
-        while left and time.monotonic() < deadline:
-            left = {p: s for p, s in left.items() if _is_alive(p, s)}
-            if left:
-                time.sleep(0.1)
-        return left
 
     def _stop_popen(self, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         """Stop one process we started and its process group (and reap it)."""
@@ -371,32 +339,9 @@ class LoopbackFederation:
         """Stop every process of this federation: SIGTERM (SuperNodes first, then the SuperLink,
         each to its whole process group), then SIGTERM/SIGKILL to whatever of ours is left."""
         self.snapshot()
-        order = sorted(self._popens.items(), key=lambda kv: kv[0] == "superlink")
-        for _, proc in order:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except OSError:
-                    pass
-        for _, proc in order:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        left = {pid: start for pid, (start, _) in self._seen.items() if _is_alive(pid, start)}
-        left.update(self.processes())
-        self._signal_all(left, signal.SIGTERM)
-        left = self._wait_gone(left, 5.0)
-        if left:
-            self._signal_all(left, signal.SIGKILL)
-            self._wait_gone(left, 5.0)
-        for _, proc in order:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        order = sorted(self._popens.values(), key=lambda proc: proc is self._popens.get("superlink"))
+        known = {pid: start for pid, (start, _) in self._seen.items()}
+        stop_all(order, MARKER_VAR, self.marker, known=known, grace=10.0)
         self._started = False
 
     # ---------------------------------------------------------- start-up

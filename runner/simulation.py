@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from runner.processes import stop_all
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATTERN = "*/results.json"
 """Where an app's results file lies, relative to ``output_dir``."""
@@ -202,106 +204,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time) of a process, or None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def _our_processes(roots: Iterable[int], marker: str, marker_var: str = MARKER_VAR) -> dict[int, int]:
-    """pid -> start time of every live process that descends from ``roots`` or carries ``marker``
-    (in the environment variable ``marker_var``)."""
-    if not Path("/proc").is_dir():  # not Linux: only the roots themselves are known
-        return {pid: 0 for pid in roots if _alive(pid)}
-    table: dict[int, tuple[str, int, int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
-            table[int(entry.name)] = st
-    children: dict[int, list[int]] = {}
-    for pid, (_, ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = [p for p in roots if p in table]
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    tag = f"{marker_var}={marker}".encode()
-    found |= {pid for pid in table if pid not in found and _has_marker(pid, tag)}
-    found.discard(os.getpid())
-    return {pid: table[pid][2] for pid in found if table[pid][0] != "Z"}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def _signal(procs: Mapping[int, int], sig: int) -> None:
-    for pid, start in procs.items():
-        st = _proc_stat(pid)
-        if st is None or (start and st[2] != start) or st[0] == "Z":
-            continue  # gone, or its pid was reused by an unrelated process
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
-
-def _wait_gone(procs: Mapping[int, int], timeout: float) -> dict[int, int]:
-    deadline = time.monotonic() + timeout
-    left = dict(procs)
-    while left and time.monotonic() < deadline:
-        left = {p: s for p, s in left.items() if (st := _proc_stat(p)) is not None and st[0] != "Z"
-                and (not s or st[2] == s)}
-        if left:
-            time.sleep(0.1)
-    return left
-
-
 def _stop(popens: list[subprocess.Popen[Any]], marker: str) -> None:
-    """Stop every process this call started: TERM (gracefully, SuperLink first), then KILL."""
-    procs = _our_processes([p.pid for p in popens], marker)
-    for p in popens:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)  # started with start_new_session: pgid == pid
-            except OSError:
-                pass
-    for p in popens:
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    procs.update(_our_processes([], marker))
-    _signal(procs, signal.SIGTERM)
-    left = _wait_gone(procs, 5.0)
-    log.debug("stopping %d processes; %d needed SIGKILL", len(procs), len(left))
-    if left:
-        _signal(left, signal.SIGKILL)
-        _wait_gone(left, 5.0)
-    for p in popens:
-        if p.poll() is None:
-            p.kill()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+    """Stop every process this call started (SuperLink first) and whatever of ours they left behind."""
+    killed = stop_all(popens, MARKER_VAR, marker)
+    log.debug("processes stopped; %d needed SIGKILL", killed)
 
 
 def _tail(lines: Iterable[str], n: int = TAIL_LINES) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from runner.deployment import LoopbackFederation, load_results
-from runner.simulation import _alive
+from runner.processes import pid_exists
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
@@ -100,7 +100,7 @@ def _check_stopped(fed: LoopbackFederation, bystander: subprocess.Popen) -> None
     left = fed.alive_processes()
     assert not left, f"processes of the federation still alive: {left}"
     # independent of the launcher's bookkeeping: same PID running the same command line
-    still = {pid: cmd for pid, cmd in seen.items() if _alive(pid) and _cmdline(pid) == cmd}
+    still = {pid: cmd for pid, cmd in seen.items() if pid_exists(pid) and _cmdline(pid) == cmd}
     assert not still, f"started PIDs still alive: {still}"
     assert bystander.poll() is None, "stopping the federation killed an unrelated process"
 

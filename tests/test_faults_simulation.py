@@ -1,10 +1,13 @@
 """Faulty clients in a real Flower simulation: crashes and malformed replies never reach the model.
 
-The app under test is the reference ServerApp with a ClientApp that wraps the
-reference client and misbehaves on two partitions: partition 1 crashes in
-every training round, partition 2 answers with NaN weights. The in-process
-tests (test_strategy.py) cover every kind of malformed reply one by one; this
-one shows the same handling through Flower's simulation engine.
+The apps under test are the reference ServerApp with a ClientApp that wraps the
+reference client and misbehaves. In the first, partition 1 crashes in every
+training round and partition 2 answers with NaN weights. In the second (marked
+slow: two 12-round runs), about 30 % of the sampled clients crash at random in
+every round, and the run is compared with a fault-free one. The in-process
+tests (test_strategy.py) cover every kind of malformed reply one by one and the
+30 % case in the default suite; these show the same handling through Flower's
+simulation engine.
 """
 
 import json
@@ -54,15 +57,48 @@ def train(msg, context):
 '''
 
 
-@pytest.fixture(scope="module")
-def faulty_app(tmp_path_factory) -> Path:
-    app = tmp_path_factory.mktemp("faulty_app")
+RANDOMLY_CRASHING_CLIENT = '''
+import random
+
+from autoflip_strategy import protocol as P
+from client_app.app import app as honest
+
+app = type(honest)()
+
+
+@app.query("describe")
+def describe(msg, context):
+    return honest(msg, context)
+
+
+@app.query("explore")
+def explore(msg, context):
+    return honest(msg, context)
+
+
+@app.train()
+def train(msg, context):
+    # Deterministic per (round, partition), so the run is reproducible; about 30 % crash.
+    server_round = int(msg.content[P.CONFIG][P.ROUND])
+    if random.Random(f"{server_round}:{context.node_config['partition-id']}").random() < 0.3:
+        raise RuntimeError("injected random crash")
+    return honest(msg, context)
+'''
+
+
+def make_app(folder: Path, client_source: str) -> Path:
+    """The reference app with its ClientApp replaced by ``client_source``."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     pyproject = re.sub(r'clientapp = "[^"]+"', 'clientapp = "faulty_client:app"', pyproject)
-    (app / "pyproject.toml").write_text(pyproject)
-    (app / "faulty_client.py").write_text(FAULTY_CLIENT)
-    shutil.copy(ROOT / "README.md", app / "README.md")
-    return app
+    (folder / "pyproject.toml").write_text(pyproject)
+    (folder / "faulty_client.py").write_text(client_source)
+    shutil.copy(ROOT / "README.md", folder / "README.md")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def faulty_app(tmp_path_factory) -> Path:
+    return make_app(tmp_path_factory.mktemp("faulty_app"), FAULTY_CLIENT)
 
 
 def test_crashing_and_nan_clients_are_recorded_and_excluded(faulty_app, tmp_path):
@@ -78,3 +114,24 @@ def test_crashing_and_nan_clients_are_recorded_and_excluded(faulty_app, tmp_path
     final = torch.load(path.parent / "final_model.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in final.values())
     assert results["rounds"][-1]["accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_thirty_percent_random_crashes_cost_little_accuracy(tmp_path):
+    (tmp_path / "app").mkdir()
+    app = make_app(tmp_path / "app", RANDOMLY_CRASHING_CLIENT)
+    cfg = {"num-server-rounds": 12, "explore-epochs": 1, "local-epochs": 1, "fraction-train": 0.5,
+           "min-train-nodes": 5, "min-available-nodes": 10, "seed": 0}
+    clean = json.loads(run_simulation({**cfg, "run-name": "clean"}, 10, output_dir=tmp_path, client_cpus=2)
+                       .read_text())
+    faulty = json.loads(run_simulation({**cfg, "run-name": "faulty"}, 10, output_dir=tmp_path, app_dir=app,
+                                       client_cpus=2).read_text())
+    train = [r for r in faulty["rounds"] if r["phase"] == "train"]
+    dropped = [d for r in train for d in r["dropped"]]
+    sampled = sum(len(r["sampled"]) for r in train)
+    assert all("injected random crash" in d["reason"] for d in dropped)
+    assert 0.15 <= len(dropped) / sampled <= 0.45, (len(dropped), sampled)
+    assert all(r["replied"] for r in train)  # every round still aggregated some replies
+    assert not any(d for r in clean["rounds"] for d in r["dropped"])
+    a, b = clean["rounds"][-1]["accuracy"], faulty["rounds"][-1]["accuracy"]
+    assert b > 0.8 and abs(a - b) <= 0.02, (a, b)
