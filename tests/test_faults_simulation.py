@@ -3,7 +3,7 @@
 The apps under test are the reference ServerApp with a ClientApp that wraps the
 reference client and misbehaves. In the first, partition 1 crashes in every
 training round and partition 2 answers with NaN weights. In the second (marked
-slow: two 12-round runs), about 30 % of the sampled clients crash at random in
+slow: two 15-round runs), about 30 % of the sampled clients crash at random in
 every round, and the run is compared with a fault-free one. The in-process
 tests (test_strategy.py) cover every kind of malformed reply one by one and the
 30 % case in the default suite; these show the same handling through Flower's
@@ -120,8 +120,10 @@ def test_crashing_and_nan_clients_are_recorded_and_excluded(faulty_app, tmp_path
 def test_thirty_percent_random_crashes_cost_little_accuracy(tmp_path):
     (tmp_path / "app").mkdir()
     app = make_app(tmp_path / "app", RANDOMLY_CRASHING_CLIENT)
-    cfg = {"num-server-rounds": 12, "explore-epochs": 1, "local-epochs": 1, "fraction-train": 0.5,
-           "min-train-nodes": 5, "min-available-nodes": 10, "seed": 0}
+    # IID: under the default Dirichlet split the accuracy of single rounds swings by several points
+    # from round to round, with or without faults, and a 2-point comparison would measure that noise.
+    cfg = {"num-server-rounds": 15, "explore-epochs": 1, "local-epochs": 1, "fraction-train": 0.5,
+           "min-train-nodes": 5, "min-available-nodes": 10, "partitioning": "iid", "seed": 0}
     clean = json.loads(run_simulation({**cfg, "run-name": "clean"}, 10, output_dir=tmp_path, client_cpus=2)
                        .read_text())
     faulty = json.loads(run_simulation({**cfg, "run-name": "faulty"}, 10, output_dir=tmp_path, app_dir=app,

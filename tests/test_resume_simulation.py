@@ -1,7 +1,9 @@
 """Kill a real Flower simulation mid-run, resume it, and get the uninterrupted run's model.
 
-The launcher of a real simulation is SIGTERMed once the ServerApp has checkpointed
-round 2 of 4 (it then stops every process of the run, as on a Ctrl-C); the run is
+Once the ServerApp has checkpointed round 2 of 4, the run is interrupted in one
+of two ways: the launcher gets SIGTERM (it then stops every process of the run,
+as on Ctrl-C), or the process that runs the ServerApp (``flwr-simulation``)
+gets SIGKILL, as in a crash, with no chance to clean up. The run is then
 resumed with ``resume=true`` in the same output folder.
 
 Exact equality only holds when no client reply is lost. Once in several runs here
@@ -22,10 +24,12 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from autoflip_strategy.checkpoint import load_checkpoint
-from runner.simulation import load_results, run_simulation, toml_value
+from runner.processes import cmdline, is_alive, our_processes
+from runner.simulation import MARKER_VAR, load_results, run_simulation, toml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 4
@@ -37,8 +41,9 @@ def _lost_replies(results_path: Path) -> list[dict]:
     return [d for r in load_results(results_path)["rounds"] for d in r["dropped"]]
 
 
-def _kill_mid_run(output_dir: Path) -> int:
-    """Start the launcher as a separate process, SIGTERM it after round 2; return the last checkpointed round."""
+def _kill_mid_run(output_dir: Path, how: str) -> int:
+    """Start the launcher as a separate process and interrupt the run after round 2 (``how``:
+    ``launcher-sigterm`` or ``serverapp-sigkill``); return the last checkpointed round."""
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in CONFIG.items())
     launcher = subprocess.Popen(
         [sys.executable, "-m", "runner.simulation", "--num-supernodes", "4", "--client-cpus", "2",
@@ -51,18 +56,34 @@ def _kill_mid_run(output_dir: Path) -> int:
             if checkpoint.exists() and load_checkpoint(checkpoint)["round"] >= 2:
                 break
             time.sleep(0.2)
+        if how == "serverapp-sigkill":
+            serverapps = [pid for pid in our_processes([launcher.pid], MARKER_VAR, "-")
+                          if "flwr-simulation" in cmdline(pid)]
+            assert len(serverapps) == 1, f"expected one flwr-simulation process, found {serverapps}"
+            os.kill(serverapps[0], signal.SIGKILL)
+            while is_alive(serverapps[0], 0):
+                time.sleep(0.1)
+            # Flower would mark the run failed only when its heartbeats stop (a minute or so):
+            # do not wait for that, stop the rest of the run now.
     finally:
-        os.killpg(launcher.pid, signal.SIGTERM)  # the launcher stops every process of the run
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGTERM)  # the launcher stops every process of the run
         launcher.wait(timeout=60)
     return load_checkpoint(checkpoint)["round"]
 
 
-def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(tmp_path):
-    full = run_simulation(CONFIG, 4, output_dir=tmp_path / "full", client_cpus=2)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    full = run_simulation(CONFIG, 4, output_dir=tmp_path_factory.mktemp("full"), client_cpus=2)
     assert not _lost_replies(full), f"infrastructure fault in the uninterrupted run: {_lost_replies(full)}"
+    return full
 
+
+@pytest.mark.parametrize("how", ["launcher-sigterm", "serverapp-sigkill"])
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(uninterrupted, how, tmp_path):
+    full = uninterrupted
     killed = tmp_path / "killed"
-    stopped_after = _kill_mid_run(killed)
+    stopped_after = _kill_mid_run(killed, how)
     assert 1 <= stopped_after < ROUNDS, "the run was not interrupted mid-way"
     assert load_results(killed / "r" / "results.json")["status"] != "completed"
     shutil.copytree(killed, tmp_path / "interrupted")
