@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from runner.simulation import (  # shared launcher helpers
     _emit,
     _free_port,
     _tail,
+    _wait_healthy,
     find_results,
     load_results,
     parse_overrides,
@@ -410,31 +410,14 @@ class LoopbackFederation:
             self.port = _free_port()
             self._write_config()
             proc = self._popen("superlink", self._superlink_cmd(), self.process_env(), self.home)
-            if self._wait_listening(proc, log, deadline):
+            scheme = "https" if self.tls else "http"
+            context = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.tls else None
+            if _wait_healthy(proc, log, f"{scheme}://127.0.0.1:{self.port}", deadline, context):
                 return
             self._stop_popen(proc)
             if time.monotonic() > deadline:
                 break
         raise DeploymentError(f"the SuperLink did not start:\n{self.diagnostics()}")
-
-    def _wait_listening(self, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> bool:
-        scheme = "https" if self.tls else "http"
-        ready = f"Uvicorn running on {scheme}://127.0.0.1:{self.port}"
-        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.tls else None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return False
-            # The log line proves that *our* process bound the port; /health that it answers.
-            if ready in _file_text(log):
-                try:
-                    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=2,
-                                                context=context) as r:
-                        if r.status == 200:
-                            return True
-                except OSError:
-                    pass
-            time.sleep(0.2)
-        return False
 
     def _supernode_cmd(self, partition_id: int, key: Path | None, num_partitions: int) -> list[str]:
         config = {"partition-id": partition_id, "num-partitions": num_partitions, **self.node_config}

@@ -45,6 +45,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -210,6 +211,29 @@ def _stop(popens: list[subprocess.Popen[Any]], marker: str) -> None:
     log.debug("processes stopped; %d needed SIGKILL", killed)
 
 
+def _wait_healthy(proc: subprocess.Popen[Any], log: Path, base_url: str, deadline: float,
+                  context: ssl.SSLContext | None = None) -> bool:
+    """Wait until the SuperLink ``proc`` serves ``base_url``: its log says Uvicorn runs there (so *our*
+    process bound the port) and ``/health`` answers 200. False if it exits or the deadline passes."""
+    ready = f"Uvicorn running on {base_url}"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            text = _ANSI.sub("", log.read_text(errors="replace"))
+        except OSError:
+            text = ""
+        if ready in text:
+            try:
+                with urllib.request.urlopen(f"{base_url}/health", timeout=2, context=context) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                pass
+        time.sleep(0.2)
+    return False
+
+
 def _tail(lines: Iterable[str], n: int = TAIL_LINES) -> str:
     return "\n".join(deque(lines, maxlen=n))
 
@@ -259,27 +283,11 @@ class _Session:
                 self.superlink = subprocess.Popen(cmd, env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
                                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
             self.popens.append(self.superlink)
-            if self._wait_listening(min(deadline, time.monotonic() + SUPERLINK_START_TIMEOUT)):
+            if _wait_healthy(self.superlink, self.log, f"http://127.0.0.1:{self.port}",
+                             min(deadline, time.monotonic() + SUPERLINK_START_TIMEOUT)):
                 return
             _stop([self.superlink], self.marker)
         raise SimulationError(f"the SuperLink did not start:\n{_file_tail(self.log)}")
-
-    def _wait_listening(self, deadline: float) -> bool:
-        ready = f"Uvicorn running on http://127.0.0.1:{self.port}"
-        assert self.superlink is not None
-        while time.monotonic() < deadline:
-            if self.superlink.poll() is not None:
-                return False
-            # The log line proves that *our* process bound the port; /health that it answers.
-            if ready in self.log.read_text(errors="replace"):
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
-                        if r.status == 200:
-                            return True
-                except OSError:
-                    pass
-            time.sleep(0.2)
-        return False
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:
         """Flower's record of the run (``status`` e.g. ``finished:completed``), or None if unavailable."""

@@ -22,7 +22,9 @@ from runner.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAULTY_CLIENT = '''
+HONEST_QUERIES = '''
+import random
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
@@ -40,7 +42,10 @@ def describe(msg, context):
 @app.query("explore")
 def explore(msg, context):
     return honest(msg, context)
+'''
+"""A ClientApp module that answers queries like the reference client; each test adds its train handler."""
 
+FAULTY_CLIENT = HONEST_QUERIES + '''
 
 @app.train()
 def train(msg, context):
@@ -56,25 +61,7 @@ def train(msg, context):
     return reply
 '''
 
-
-RANDOMLY_CRASHING_CLIENT = '''
-import random
-
-from autoflip_strategy import protocol as P
-from client_app.app import app as honest
-
-app = type(honest)()
-
-
-@app.query("describe")
-def describe(msg, context):
-    return honest(msg, context)
-
-
-@app.query("explore")
-def explore(msg, context):
-    return honest(msg, context)
-
+RANDOMLY_CRASHING_CLIENT = HONEST_QUERIES + '''
 
 @app.train()
 def train(msg, context):
