@@ -116,6 +116,13 @@ def completed_run(setting: Setting, method: str, seed: int, out: Path) -> Path |
     return sorted(done)[-1] if done else None
 
 
+def completed_seeds(setting: Setting, method: str, out: Path) -> list[int]:
+    """Seeds of (setting, method) with a completed run under ``out``."""
+    folders = (out / "runs" / setting.name).glob(f"{method}-seed*")
+    seeds = sorted(int(f.name.rsplit("-seed", 1)[1]) for f in folders if f.name.rsplit("-seed", 1)[1].isdigit())
+    return [seed for seed in seeds if completed_run(setting, method, seed, out) is not None]
+
+
 def run_one(setting: Setting, method: str, seed: int, out: Path, data_dir: str) -> Path:
     """One real Flower simulation; returns its results.json (reused when already complete)."""
     from runner.simulation import run_simulation
@@ -165,17 +172,18 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]]) -> list[d
 
 
 def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
-    head = ("| setting | method | final acc | best acc | density | MB down | MB up | MB to FedAvg acc "
-            "| comm vs FedAvg | train FLOPs vs FedAvg | client s vs FedAvg |\n|" + "---|" * 11)
+    head = ("| setting | method | seeds | final acc | best acc | density | MB down | MB up | MB to FedAvg acc "
+            "| comm vs FedAvg | train FLOPs vs FedAvg | client s vs FedAvg |\n|" + "---|" * 12)
     lines = [head]
     for r in rows:
         reach = "never" if np.isnan(r["mb_to_fedavg_acc"]) else f"{r['mb_to_fedavg_acc']:.1f} ({r['reached_fedavg_acc']})"
         lines.append(
-            f"| {r['setting']} | {r['method']} | {r['final_acc']:.3f} ± {r['final_acc_std']:.3f} | {r['best_acc']:.3f} "
+            f"| {r['setting']} | {r['method']} | {r['seeds']} | {r['final_acc']:.3f} ± {r['final_acc_std']:.3f} "
+            f"| {r['best_acc']:.3f} "
             f"| {r['density']:.2f} | {r['mb_down']:.1f} | {r['mb_up']:.1f} | {reach} | {r['comm_vs_fedavg']:.2f} "
             f"| {r['flops_vs_fedavg']:.2f} | {r['client_seconds_vs_fedavg']:.2f} |")
     for name, why in skipped.items():
-        lines.append(f"| {name} | (not run) | {why} |" + " |" * 8)
+        lines.append(f"| {name} | (not run) | {why} |" + " |" * 9)
     return "\n".join(lines) + "\n"
 
 
@@ -210,19 +218,24 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path) -> 
 
 
 def run_suite(suite: str, seeds: list[int], methods: list[str], out: Path | None = None,
-              only: list[str] | None = None) -> Path:
-    """Run (or reuse) every run of the suite and write its summary; returns summary.md."""
+              only: list[str] | None = None, summary_only: bool = False) -> Path:
+    """Run (or reuse) every run of the suite and write its summary; returns summary.md.
+
+    Settings left out by ``only`` (or all, with ``summary_only``) are not run; their completed runs
+    on disk, whatever their seeds, still make their rows and plots."""
     out = out or RESULTS / suite
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], dict(NOT_RUN) if suite == "paper" else {}
     started = time.time()
     for setting in SETTINGS[suite]:
-        if only and setting.name not in only:
-            # Not asked for now: keep it in the summary when every run of it is already complete.
-            cached = {m: [completed_run(setting, m, seed, out) for seed in seeds] for m in methods}
-            if all(p is not None for paths in cached.values() for p in paths):
-                runs = {m: [json.loads(p.read_text()) for p in paths] for m, paths in cached.items()}
+        if summary_only or (only and setting.name not in only):
+            # Not run now: summarise the completed runs on disk (every seed found) when each method has one.
+            found = {m: completed_seeds(setting, m, out) for m in methods}
+            if all(found.values()):
+                runs = {m: [json.loads(completed_run(setting, m, seed, out).read_text()) for seed in seeds_of]
+                        for m, seeds_of in found.items()}
                 rows += summarise(setting, runs)
+                plot(setting, runs, out)
             continue
         data_dir, missing = setting.data_dir()
         if missing:
@@ -258,8 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--settings", nargs="+", default=None, help="run only these settings of the suite")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: rebuild the tables and plots from the completed runs on disk")
     args = parser.parse_args(argv)
-    run_suite(args.suite, args.seeds, args.methods, args.out, args.settings)
+    run_suite(args.suite, args.seeds, args.methods, args.out, args.settings, args.summary_only)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def test_smoke_suite_writes_table_csv_and_plots(tmp_path):
     before = sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json"))
     run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path)
     assert sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json")) == before
+    # --summary-only rebuilds the same table from the runs on disk (any seeds found), running nothing
+    (tmp_path / "summary.md").unlink()
+    rebuilt = run_suite("smoke", seeds=[5], methods=["fedavg", "autoflip"], out=tmp_path, summary_only=True)
+    assert rebuilt.read_text() == text and "| digits-iid-4 | autoflip | 1 |" in text
+    assert sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json")) == before
 
 
 def test_suite_settings_are_runnable_configs():
