@@ -1,6 +1,6 @@
 """Kill a real Flower simulation mid-run, resume it, and get the uninterrupted run's model.
 
-Once the ServerApp has checkpointed round 2 of 4, the run is interrupted in one
+Once the ServerApp has checkpointed round 2 of 12, the run is interrupted in one
 of two ways: the launcher gets SIGTERM (it then stops every process of the run,
 as on Ctrl-C), or the process that runs the ServerApp (``flwr-simulation``)
 gets SIGKILL, as in a crash, with no chance to clean up. The run is then
@@ -32,7 +32,7 @@ from runner.processes import cmdline, is_alive, our_processes
 from runner.simulation import MARKER_VAR, load_results, run_simulation, toml_value
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 4
+ROUNDS = 12  # rounds take ~0.5 s on a quiet machine: the killed run must not finish while it stops
 CONFIG = {"num-server-rounds": ROUNDS, "explore-epochs": 1, "local-epochs": 1, "partitioning": "iid",
           "run-name": "r", "seed": 3}
 
@@ -85,6 +85,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(uninterrupted,
     killed = tmp_path / "killed"
     stopped_after = _kill_mid_run(killed, how)
     assert 1 <= stopped_after < ROUNDS, "the run was not interrupted mid-way"
+    print(f"{how}: interrupted after round {stopped_after} of {ROUNDS}")
     assert load_results(killed / "r" / "results.json")["status"] != "completed"
     shutil.copytree(killed, tmp_path / "interrupted")
 
