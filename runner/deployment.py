@@ -59,10 +59,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from runner.processes import cmdline, has_marker, is_alive, marker_tag, our_processes, proc_stat, stop_all
+from runner.processes import cmdline, is_alive, our_processes, stop_all
 from runner.simulation import (  # shared launcher helpers
     _bin,
     _emit,
+    _file_text,
     _free_port,
     _tail,
     _wait_healthy,
@@ -139,15 +140,6 @@ class RunRecord:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _file_text(path: Path) -> str:
-    try:
-        return _ANSI.sub("", path.read_text(errors="replace"))
-    except OSError:
-        return ""
-
-
 def _json_in(text: str) -> dict[str, Any]:
     """The first JSON object in CLI output that starts at the beginning of a line."""
     decoder = json.JSONDecoder()
@@ -310,12 +302,8 @@ class LoopbackFederation:
     def alive_processes(self) -> dict[int, str]:
         """pid -> command line of each process ever seen as ours (or carrying the marker) still alive."""
         alive = {pid: cmd for pid, (start, cmd) in self._seen.items() if is_alive(pid, start)}
-        tag = marker_tag(MARKER_VAR, self.marker)
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and int(entry.name) != os.getpid() and int(entry.name) not in alive:
-                pid = int(entry.name)
-                if has_marker(pid, tag) and (st := proc_stat(pid)) is not None and st[0] != "Z":
-                    alive[pid] = cmdline(pid)
+        for pid in our_processes([], MARKER_VAR, self.marker):
+            alive.setdefault(pid, cmdline(pid))
         return alive
 
     def _stop_popen(self, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
@@ -336,12 +324,10 @@ class LoopbackFederation:
                 proc.wait(timeout=5)
 
     def stop(self) -> None:
-        """Stop every process of this federation: SIGTERM (SuperNodes first, then the SuperLink,
-        each to its whole process group), then SIGTERM/SIGKILL to whatever of ours is left."""
+        """Stop every process of this federation (SIGTERM to all, SIGKILL to what outlives the grace)."""
         self.snapshot()
-        order = sorted(self._popens.values(), key=lambda proc: proc is self._popens.get("superlink"))
         known = {pid: start for pid, (start, _) in self._seen.items()}
-        stop_all(order, MARKER_VAR, self.marker, known=known, grace=10.0)
+        stop_all(list(self._popens.values()), MARKER_VAR, self.marker, known=known, grace=10.0)
         self._started = False
 
     # ---------------------------------------------------------- start-up
@@ -406,13 +392,13 @@ class LoopbackFederation:
 
     def _start_superlink(self, deadline: float) -> None:
         log = self.logs / "superlink.log"
+        url = f"{'https' if self.tls else 'http'}://127.0.0.1"
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.tls else None
         for _ in range(3):  # a port picked as free can be taken before the SuperLink binds it
             self.port = _free_port()
             self._write_config()
             proc = self._popen("superlink", self._superlink_cmd(), self.process_env(), self.home)
-            scheme = "https" if self.tls else "http"
-            context = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.tls else None
-            if _wait_healthy(proc, log, f"{scheme}://127.0.0.1:{self.port}", deadline, context):
+            if _wait_healthy(proc, log, f"{url}:{self.port}", deadline, context):
                 return
             self._stop_popen(proc)
             if time.monotonic() > deadline:
@@ -675,8 +661,6 @@ class LoopbackFederation:
 
 
 # ----------------------------------------------------------------------- CLI
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runner.deployment",

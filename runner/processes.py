@@ -112,14 +112,13 @@ def wait_gone(procs: Processes, timeout: float) -> dict[int, int]:
 
 def stop_all(popens: Sequence[subprocess.Popen[Any]], marker_var: str, marker: str,
              known: Processes | None = None, grace: float = 5.0) -> int:
-    """Stop what a launcher started, in order, and reap it; return how many needed SIGKILL.
+    """Stop what a launcher started and reap it; return how many needed SIGKILL.
 
-    1. SIGTERM to each started process's group (each was started with
-       ``start_new_session``, so its pgid is its pid), in the order given, then
-       up to ``grace`` seconds each for it to exit;
-    2. SIGTERM to every other process of ours still alive (``known`` from
-       earlier scans, plus a fresh scan for the marker), ``grace`` seconds;
-    3. SIGKILL to whatever is left, then reap the started processes.
+    SIGTERM goes at once to each started process's group (each was started with
+    ``start_new_session``, so its pgid is its pid) and to every other process of
+    ours (descendants, ``known`` from earlier scans, and the marker): a ServerApp
+    must not keep training for seconds while its SuperLink shuts down. Whatever
+    is alive after ``grace`` seconds (a fresh scan included) gets SIGKILL.
     """
     left = dict(known or {})
     left.update(our_processes([p.pid for p in popens], marker_var, marker))
@@ -129,14 +128,11 @@ def stop_all(popens: Sequence[subprocess.Popen[Any]], marker_var: str, marker: s
                 os.killpg(p.pid, signal.SIGTERM)
             except OSError:
                 pass
-    for p in popens:
-        try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    left.update(our_processes([], marker_var, marker))
     signal_all(left, signal.SIGTERM)
     left = wait_gone(left, grace)
+    late = {pid: start for pid, start in our_processes([], marker_var, marker).items() if pid not in left}
+    signal_all(late, signal.SIGTERM)  # started while we were stopping (e.g. a Ray worker)
+    left.update(wait_gone(late, 1.0))
     if left:
         signal_all(left, signal.SIGKILL)
         wait_gone(left, grace)

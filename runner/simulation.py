@@ -206,7 +206,7 @@ def _free_port() -> int:
 
 
 def _stop(popens: list[subprocess.Popen[Any]], marker: str) -> None:
-    """Stop every process this call started (SuperLink first) and whatever of ours they left behind."""
+    """Stop every process this call started and whatever of ours they left behind."""
     killed = stop_all(popens, MARKER_VAR, marker)
     log.debug("processes stopped; %d needed SIGKILL", killed)
 
@@ -219,11 +219,7 @@ def _wait_healthy(proc: subprocess.Popen[Any], log: Path, base_url: str, deadlin
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        try:
-            text = _ANSI.sub("", log.read_text(errors="replace"))
-        except OSError:
-            text = ""
-        if ready in text:
+        if ready in _file_text(log):
             try:
                 with urllib.request.urlopen(f"{base_url}/health", timeout=2, context=context) as r:
                     if r.status == 200:
@@ -232,6 +228,14 @@ def _wait_healthy(proc: subprocess.Popen[Any], log: Path, base_url: str, deadlin
                 pass
         time.sleep(0.2)
     return False
+
+
+def _file_text(path: Path) -> str:
+    """A log file's text without ANSI colours ("" while it cannot be read)."""
+    try:
+        return _ANSI.sub("", path.read_text(errors="replace"))
+    except OSError:
+        return ""
 
 
 def _tail(lines: Iterable[str], n: int = TAIL_LINES) -> str:

@@ -81,7 +81,6 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("how", ["launcher-sigterm", "serverapp-sigkill"])
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(uninterrupted, how, tmp_path):
-    full = uninterrupted
     killed = tmp_path / "killed"
     stopped_after = _kill_mid_run(killed, how)
     assert 1 <= stopped_after < ROUNDS, "the run was not interrupted mid-way"
@@ -99,7 +98,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(uninterrupted,
         shutil.copytree(tmp_path / "interrupted", killed)
     assert not lost, f"two resumed runs in a row lost client replies: {lost}"
     assert load_results(resumed)["status"] == "completed"
-    a = torch.load(full.parent / "final_model.pt", weights_only=True)
+    a = torch.load(uninterrupted.parent / "final_model.pt", weights_only=True)
     b = torch.load(resumed.parent / "final_model.pt", weights_only=True)
     assert a.keys() == b.keys()
     assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-6
