@@ -14,6 +14,11 @@ Usage::
 
     client = AutoFLIPClient(model_fn=lambda ctx: Net(), train_fn=my_train, evaluate_fn=my_eval)
     app = client.build_app()      # or client.register(existing_app)
+
+With ``device`` (a ``torch.device``, a string, or a function of the node's
+``Context``), the handlers move the model there before calling ``train_fn`` /
+``evaluate_fn`` (which move their batches to the model's device) and bring it
+back to the CPU before encoding, so everything on the wire is CPU memory.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class EvalOutcome:
 
 TrainFn = Callable[[nn.Module, TrainTask], TrainOutcome]
 EvalFn = Callable[[nn.Module, Context], EvalOutcome]
+DeviceSpec = torch.device | str | Callable[[Context], torch.device | str] | None
 
 
 class ClientProtocolError(RuntimeError):
@@ -82,10 +88,16 @@ class AutoFLIPClient:
     """Registers the AutoFLIP message handlers around the user's model and loops."""
 
     def __init__(self, model_fn: Callable[[Context], nn.Module], train_fn: TrainFn,
-                 evaluate_fn: EvalFn | None = None) -> None:
+                 evaluate_fn: EvalFn | None = None, device: DeviceSpec = None) -> None:
         self.model_fn = model_fn
         self.train_fn = train_fn
         self.evaluate_fn = evaluate_fn
+        self.device = device
+
+    def device_for(self, context: Context) -> torch.device:
+        """Where this node trains and evaluates (the CPU unless ``device`` says otherwise)."""
+        spec = self.device(context) if callable(self.device) else self.device
+        return torch.device(spec if spec is not None else "cpu")
 
     def build_app(self) -> ClientApp:
         return self.register(ClientApp())
@@ -109,6 +121,7 @@ class AutoFLIPClient:
         model = self.model_fn(context)
         theta0 = {k: v.float() for k, v in msg.content[P.ARRAYS].to_torch_state_dict().items()}
         model.load_state_dict(theta0, strict=False)
+        model.to(self.device_for(context))
         torch.manual_seed(client_seed(int(cfg[P.SEED]), 0, context))
         best, stale, epochs, outcome, seconds = float("inf"), 0, 0, None, 0.0
         for epochs in range(1, int(cfg[P.EPOCHS]) + 1):
@@ -121,7 +134,7 @@ class AutoFLIPClient:
                 stale += 1
                 if stale >= int(cfg[P.PATIENCE]):
                     break
-        trained = model.state_dict()
+        trained = model.cpu().state_dict()
         names = [n for n in prunable_weights(model) if n in theta0]
         matrix = local_guidance(theta0, trained, names)
         metrics = MetricRecord({P.NUM_EXAMPLES: int(outcome.num_examples), P.EPOCHS_RUN: epochs,
@@ -132,6 +145,7 @@ class AutoFLIPClient:
     def train(self, msg: Message, context: Context) -> Message:
         cfg = dict(msg.content[P.CONFIG])
         model, layout = self._receive(msg, context)
+        model.to(self.device_for(context))
         server_round = int(cfg[P.ROUND])
         torch.manual_seed(client_seed(int(cfg[P.SEED]), server_round, context))
         epochs = int(cfg.get("local-epochs", 1))
@@ -139,7 +153,7 @@ class AutoFLIPClient:
         with enforce_mask(model, layout.compact_masks):
             outcome = self.train_fn(model, TrainTask(context, epochs, server_round, "train", cfg))
         seconds = time.perf_counter() - start
-        state = {n: t for n, t in model.state_dict().items() if n in layout.structure.shapes}
+        state = {n: t for n, t in model.cpu().state_dict().items() if n in layout.structure.shapes}
         metrics = MetricRecord({P.NUM_EXAMPLES: int(outcome.num_examples), P.TRAIN_LOSS: float(outcome.loss),
                                 P.TRAIN_SECONDS: seconds, P.MASK_VERSION: int(cfg[P.MASK_VERSION])})
         arrays = encode_state(state, layout, str(cfg[P.TRANSPORT]))
@@ -147,7 +161,7 @@ class AutoFLIPClient:
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         model, _ = self._receive(msg, context)
-        model.eval()
+        model.to(self.device_for(context)).eval()
         outcome = self.evaluate_fn(model, context)
         metrics = MetricRecord({P.NUM_EXAMPLES: int(outcome.num_examples), "loss": float(outcome.loss),
                                 "accuracy": float(outcome.accuracy)})

@@ -25,7 +25,7 @@ def enforce_mask(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterato
     unknown = set(masks) - set(params)
     if unknown:
         raise KeyError(f"masks must name parameters of the model; not parameters: {sorted(unknown)}")
-    pairs = [(params[n], m.to(params[n].dtype)) for n, m in masks.items()]
+    pairs = [(params[n], m.to(device=params[n].device, dtype=params[n].dtype)) for n, m in masks.items()]
     for p, m in pairs:
         if p.shape != m.shape:
             raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter {tuple(p.shape)}")

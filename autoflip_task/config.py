@@ -34,6 +34,8 @@ APP_OPTIONS: tuple[Option, ...] = (
     Option("run-name", "", "Folder name of this run under output-dir (empty: time-strategy-dataset-seed)."),
     Option("resume", False, "Continue the run in output-dir/run-name from its last checkpoint."),
     Option("max-eval-examples", 10_000, "Cap on central test examples (keeps evaluation cheap on CPU).", low=1),
+    Option("device", "auto", "Where clients train and the server evaluates: auto picks cuda when PyTorch sees a GPU.",
+           choices=("auto", "cpu", "cuda")),
 )
 
 ALL_OPTIONS: tuple[Option, ...] = APP_OPTIONS + STRATEGY_OPTIONS

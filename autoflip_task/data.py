@@ -303,7 +303,7 @@ def _load_from_hub(name: str) -> tuple[np.ndarray, ...]:
 
 
 def _load_shakespeare(root: Path, seed: int) -> FederatedData:
-    """Next-character windows per speaker; a seeded 10% of speeches is the test set."""
+    """Next-character windows per speaker; a seeded ~10% of each speaker's speeches is the test set."""
     if (root / "input.txt").is_file():
         speeches = _tinyshakespeare_speeches((root / "input.txt").read_text(encoding="utf-8"))
     else:
@@ -318,9 +318,7 @@ def _load_shakespeare(root: Path, seed: int) -> FederatedData:
     lookup = np.zeros(ord(vocab[-1]) + 1, np.int64)
     lookup[[ord(c) for c in vocab]] = np.arange(len(vocab))
 
-    order = np.random.default_rng(seed).permutation(len(speeches))
-    is_test = np.zeros(len(speeches), bool)
-    is_test[order[: round(TEXT_TEST_FRACTION * len(speeches))]] = True
+    is_test = _held_out_speeches(speeches, seed)
 
     splits: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
     for test in (False, True):
@@ -352,6 +350,27 @@ def _load_shakespeare(root: Path, seed: int) -> FederatedData:
         input_shape=(SEQ_LEN,),
         train_groups=np.asarray(train_groups),
     )
+
+
+def _held_out_speeches(speeches: list[tuple[str, str]], seed: int) -> np.ndarray:
+    """Which speeches are test data: a seeded ~10% of each speaker's, as in LEAF's per-user split.
+
+    A speech is held out only while the speaker's remaining text still makes a training window,
+    so the clients (speakers with more than SEQ_LEN characters in all) are the same for every seed.
+    """
+    rng = np.random.default_rng(seed)
+    by_speaker: dict[str, list[int]] = {}
+    for i, (speaker, _) in enumerate(speeches):
+        by_speaker.setdefault(speaker, []).append(i)
+    is_test = np.zeros(len(speeches), bool)
+    for speaker in sorted(by_speaker):
+        idx = by_speaker[speaker]
+        remaining = sum(len(speeches[i][1]) for i in idx) + len(idx) - 1  # joined with newlines
+        for i in rng.permutation(idx)[: round(TEXT_TEST_FRACTION * len(idx))]:
+            if remaining - len(speeches[i][1]) - 1 > SEQ_LEN:
+                is_test[i] = True
+                remaining -= len(speeches[i][1]) + 1
+    return is_test
 
 
 def _windows(ids: np.ndarray) -> np.ndarray:

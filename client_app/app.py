@@ -16,7 +16,7 @@ from autoflip_strategy import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTa
 from autoflip_task.config import app_config, model_name
 from autoflip_task.data import FederatedData, load_federated_data, partition_indices
 from autoflip_task.models import build_model
-from autoflip_task.training import evaluate, train_epochs
+from autoflip_task.training import evaluate, resolve_device, train_epochs
 
 LOCAL_EVAL_FRACTION = 0.1  # of each partition, held out for client-side evaluation
 
@@ -67,4 +67,8 @@ def evaluate_fn(model: nn.Module, context: Context) -> EvalOutcome:
     return EvalOutcome(max(len(eval_idx), 1), loss, acc)
 
 
-app = AutoFLIPClient(model_fn, train_fn, evaluate_fn).build_app()
+def device_fn(context: Context) -> torch.device:
+    return resolve_device(app_config(context.run_config)["device"])
+
+
+app = AutoFLIPClient(model_fn, train_fn, evaluate_fn, device=device_fn).build_app()

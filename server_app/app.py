@@ -21,7 +21,7 @@ from autoflip_strategy import AutoFLIP, AutoFLIPConfig
 from autoflip_task.config import app_config, model_name
 from autoflip_task.data import load_federated_data
 from autoflip_task.models import build_model, example_input
-from autoflip_task.training import evaluate
+from autoflip_task.training import evaluate, resolve_device
 
 app = ServerApp()
 
@@ -47,15 +47,18 @@ def main(grid: Grid, context: Context) -> None:
     data = load_federated_data(cfg["dataset"], cfg["data-dir"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
     name = model_name(cfg)
-    model = build_model(name, data.input_shape, data.num_classes)
-    test_x, test_y = data.test_x[: cfg["max-eval-examples"]], data.test_y[: cfg["max-eval-examples"]]
+    device = resolve_device(cfg["device"])
+    model = build_model(name, data.input_shape, data.num_classes)  # θ₀ (built on the CPU, so a seed gives one θ₀)
+    test_x = data.test_x[: cfg["max-eval-examples"]].to(device)
+    test_y = data.test_y[: cfg["max-eval-examples"]].to(device)
 
     run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}-run{context.run_id}"
     out_dir = Path(cfg["output-dir"]).resolve() / run_name
     if cfg["resume"] and not (out_dir / "checkpoint.pt").exists():
         raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} (set run-name to the run's folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"status": "running", "config": cfg, "model": name, "rounds": []}
+    results: dict[str, Any] = {"status": "running", "config": cfg, "model": name, "rounds": [],
+                               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
     def on_round(record: dict[str, Any]) -> None:
         results["rounds"] = strategy.history
@@ -64,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        loss, acc = evaluate(model, test_x, test_y)
+        loss, acc = evaluate(model.to(device), test_x, test_y)
         return MetricRecord({"loss": loss, "accuracy": acc})
 
     strategy = AutoFLIP(
@@ -81,6 +84,7 @@ def main(grid: Grid, context: Context) -> None:
                             evaluate_fn=central_evaluation, resume=cfg["resume"])
     torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
     torch.save(strategy.layout.tensor_masks, out_dir / "final_mask.pt")  # keep-masks, global layout
+    results["rounds"] = strategy.history  # also when a resumed run had no round left to train
     results["status"] = "completed"
     write_json(out_dir / "results.json", results)
     print(f"AutoFLIP run finished: {out_dir / 'results.json'}", flush=True)

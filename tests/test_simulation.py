@@ -8,6 +8,7 @@ what each left behind, so the whole file costs about one run's wall time.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import tomllib
@@ -232,3 +233,22 @@ def test_toml_document_and_overrides() -> None:
                                                                           "init-args-num-cpus=2")
     with pytest.raises(ValueError):
         federation_config(3, 0.5)
+
+
+# ------------------------------------------------- the same run without Ray (runner.inprocess)
+def test_inprocess_runner_reproduces_the_simulation(good: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The GPU benchmarks use runner.inprocess (Ray does not fit there): same seed, same run."""
+    from runner.inprocess import run_inprocess
+
+    _, sim = good
+    path = run_inprocess({**CONFIG, "device": "cpu"}, NUM_SUPERNODES, output_dir=tmp_path)
+    local = load_results(path)
+    keys = ("round", "phase", "sampled", "replied", "density", "bytes_down", "bytes_up", "train_flops")
+    assert [{k: r[k] for k in keys} for r in local["rounds"]] == [{k: r[k] for k in keys} for r in sim["rounds"]]
+    for a, b in zip(local["rounds"], sim["rounds"]):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.02), (a["round"], a["accuracy"], b["accuracy"])
+    # Flower's protobuf serialisation of every message and reply, against the strategy's accounting.
+    wire = json.loads((path.parent / "wire_bytes.json").read_text())
+    counted = {"down": sum(r["bytes_down"] for r in local["rounds"]), "up": sum(r["bytes_up"] for r in local["rounds"])}
+    for way in ("down", "up"):
+        assert counted[way] <= wire[way] <= 1.02 * counted[way] + 20_000, (way, wire, counted)

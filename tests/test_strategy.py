@@ -1,4 +1,4 @@
-"""The strategy end to end through real ClientApp handlers (in-process grid, see inprocess_grid.py)."""
+"""The strategy end to end through real ClientApp handlers (in-process grid, see runner/inprocess.py)."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from autoflip_task.data import load_federated_data
 from autoflip_task.models import build_model, example_input
 from autoflip_task.training import evaluate
 from client_app.app import app as client_app
-from inprocess_grid import InProcessGrid
+from runner.inprocess import InProcessGrid
 
 SHAPE = (1, 8, 8)
 

@@ -40,3 +40,19 @@ def test_suite_settings_are_runnable_configs():
             for method in METHODS.values():
                 app_config({**s.run_config, **method, "dataset": s.dataset})
             assert 1 <= s.per_round <= s.num_clients
+
+
+def test_inprocess_engine_runs_in_parallel_and_resumes_a_cut_off_run(tmp_path):
+    """``--engine inprocess --jobs 2`` (how the GPU evidence was run), and resuming from a checkpoint."""
+    summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path, engine="inprocess", jobs=2)
+    assert "| digits-iid-4 | fedavg |" in summary.read_text() and "| digits-iid-4 | autoflip |" in summary.read_text()
+    path = tmp_path / "runs/digits-iid-4/autoflip-seed0/run/results.json"
+    results = json.loads(path.read_text())
+    wire = json.loads((path.parent / "wire_bytes.json").read_text())
+    assert wire["up"] >= sum(r["bytes_up"] for r in results["rounds"]) > 0
+    # As if cut off after its last checkpoint: the suite resumes it instead of starting over.
+    path.write_text(json.dumps({**results, "status": "running"}))
+    run_suite("smoke", seeds=[0], methods=["autoflip"], out=tmp_path, engine="inprocess")
+    resumed = json.loads(path.read_text())
+    assert resumed["status"] == "completed" and resumed["rounds"] == results["rounds"]
+    assert "Resuming after round 2" in (path.parent.parent / "log.txt").read_text()
