@@ -135,6 +135,26 @@ def completed_run(setting: Setting, method: str, seed: int, out: Path) -> Path |
     return sorted(done)[-1] if done else None
 
 
+def cut_off_note(setting: Setting, method: str, out: Path) -> str | None:
+    """For a method none of whose runs completed: how far its cut-off runs got, beside FedAvg then."""
+    from runner.simulation import find_results, load_results
+
+    seen = []
+    for folder in sorted((out / "runs" / setting.name).glob(f"{method}-seed*")):
+        for path in find_results(folder):
+            rounds = load_results(path)["rounds"]
+            if rounds:
+                seen.append((folder.name.rsplit("-seed", 1)[1], rounds[-1]["round"], rounds[-1]["accuracy"]))
+    if not seen:
+        return None
+    at = min(r for _, r, _ in seen)
+    fedavg = [json.loads(completed_run(setting, "fedavg", seed, out).read_text())["rounds"][at]["accuracy"]
+              for seed in completed_seeds(setting, "fedavg", out)]
+    runs = ", ".join(f"seed {seed}: round {r}/{setting.rounds}, acc {acc:.3f}" for seed, r, acc in seen)
+    versus = f"; FedAvg at round {at}: {np.mean(fedavg):.3f}" if fedavg else ""
+    return f"cut off ({runs}{versus})"
+
+
 def completed_seeds(setting: Setting, method: str, out: Path) -> list[int]:
     """Seeds of (setting, method) with a completed run under ``out``."""
     folders = (out / "runs" / setting.name).glob(f"{method}-seed*")
@@ -218,8 +238,8 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
             f"| {r['best_acc']:.3f} "
             f"| {r['density']:.2f} | {r['mb_down']:.1f} | {r['mb_up']:.1f} | {reach} | {r['comm_vs_fedavg']:.2f} "
             f"| {r['flops_vs_fedavg']:.2f} | {r['client_seconds_vs_fedavg']:.2f} |")
-    for name, why in skipped.items():
-        lines.append(f"| {name} | (not run) | {why} |" + " |" * 9)
+    for name, why in skipped.items():  # "setting" (not run) or "setting | method" (runs cut off)
+        lines.append(f"| {name} | {why} |" + " |" * 9 if " | " in name else f"| {name} | (not run) | {why} |" + " |" * 9)
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +288,9 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
         if summary_only or (only and setting.name not in only):
             # Not run now: summarise the completed runs on disk (every seed found) when each method has one.
             found = {m: completed_seeds(setting, m, out) for m in methods or setting.methods}
+            for m in [m for m, seeds_of in found.items() if not seeds_of]:
+                if (note := cut_off_note(setting, m, out)) is not None:
+                    skipped[f"{setting.name} | {m}"] = note
             found = {m: seeds_of for m, seeds_of in found.items() if seeds_of}
             if "fedavg" in found:
                 runs = {m: [json.loads(completed_run(setting, m, seed, out).read_text()) for seed in seeds_of]

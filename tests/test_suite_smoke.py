@@ -51,7 +51,11 @@ def test_inprocess_engine_runs_in_parallel_and_resumes_a_cut_off_run(tmp_path):
     wire = json.loads((path.parent / "wire_bytes.json").read_text())
     assert wire["up"] >= sum(r["bytes_up"] for r in results["rounds"]) > 0
     # As if cut off after its last checkpoint: the suite resumes it instead of starting over.
-    path.write_text(json.dumps({**results, "status": "running"}))
+    path.write_text(json.dumps({**results, "status": "running", "rounds": results["rounds"][:2]}))
+    table = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path, summary_only=True).read_text()
+    fedavg_round_1 = json.loads(next(tmp_path.glob("runs/digits-iid-4/fedavg-seed0/*/results.json")).read_text())
+    assert (f"| digits-iid-4 | autoflip | cut off (seed 0: round 1/2, acc {results['rounds'][1]['accuracy']:.3f}; "
+            f"FedAvg at round 1: {fedavg_round_1['rounds'][1]['accuracy']:.3f}) |") in table
     run_suite("smoke", seeds=[0], methods=["autoflip"], out=tmp_path, engine="inprocess")
     resumed = json.loads(path.read_text())
     assert resumed["status"] == "completed" and resumed["rounds"] == results["rounds"]
