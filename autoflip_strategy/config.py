@@ -64,6 +64,9 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
            low=0.0, high=1.0, high_open=True),
     Option("sparsity-ramp-rounds", 0, "Rounds over which sparsity ramps linearly from sparsity-initial to sparsity (0: no ramp).", low=0),
     Option("regrowth", False, "Allow weights pruned in an earlier round to come back."),
+    Option("min-output-density", 0.0, "Share of each fixed output's (classifier row's) remaining fan-in that the "
+           "unstructured part always keeps, by guidance (0: pure global ranking, which empties rows on Shakespeare).",
+           low=0.0, high=1.0),
     Option("explore-fraction", 1.0, "Fraction of available clients that explore before round 1.", low=0.0, high=1.0),
     Option("explore-epochs", 3, "Maximum local epochs of exploration.", low=1),
     Option("explore-patience", 1, "Stop exploring after this many epochs without a lower epoch-mean loss.", low=1),
@@ -101,6 +104,7 @@ class AutoFLIPConfig:
     sparsity_initial: float = 0.5
     sparsity_ramp_rounds: int = 0
     regrowth: bool = False
+    min_output_density: float = 0.0
     explore_fraction: float = 1.0
     explore_epochs: int = 3
     explore_patience: int = 1

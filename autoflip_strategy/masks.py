@@ -115,6 +115,24 @@ def _choose_units(score: torch.Tensor, n_remove: int, forced: torch.Tensor | Non
     return keep
 
 
+def fixed_output_tensors(structure: ModelStructure) -> list[str]:
+    """Prunable weights whose output rows belong to no unit group (the classifier's): never removable."""
+    fan_in = {m.tensor for g in structure.groups for m in g.members if m.fan_in}
+    return [n for n in structure.prunable if n not in fan_in]
+
+
+def _reserved_rows(candidates: torch.Tensor, score: torch.Tensor, share: float) -> torch.Tensor:
+    """Per output row, the ceil(share * candidates in the row) best-scored candidates."""
+    rows = candidates.reshape(candidates.shape[0], -1)
+    ranked = torch.where(rows, score.reshape(rows.shape).double(), torch.tensor(-math.inf, dtype=torch.float64))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    quota = torch.ceil(share * rows.sum(1).double() - 1e-9).long()
+    take = torch.arange(rows.shape[1])[None, :] < quota[:, None]
+    reserved = torch.zeros_like(rows)
+    reserved.scatter_(1, order, take)
+    return (reserved & rows).reshape(candidates.shape)
+
+
 def compute_hybrid_mask(
     scores: Mapping[str, torch.Tensor],
     structure: ModelStructure,
@@ -122,13 +140,17 @@ def compute_hybrid_mask(
     structured_sparsity: float,
     previous: HybridMask | None = None,
     regrowth: bool = False,
+    min_output_density: float = 0.0,
 ) -> HybridMask:
     """The global hybrid mask for per-weight ``scores`` (higher = more important).
 
     ``sparsity`` is the fraction of all prunable weights removed in total;
     ``structured_sparsity`` the fraction of units removed from each group
     (at least one unit always survives). Without ``regrowth`` nothing that
-    ``previous`` pruned comes back.
+    ``previous`` pruned comes back. ``min_output_density`` reserves, in every
+    row of a :func:`fixed_output_tensors` weight, that share of its candidates
+    (best scores first) before the global ranking fills the rest of the budget;
+    when the ranking keeps them anyway the mask is the same as without it.
     """
     sticky = previous is not None and not regrowth
     unit_score = unit_scores(scores, structure)
@@ -149,9 +171,16 @@ def compute_hybrid_mask(
     if int(flat_candidates.sum()) > target:
         flat_scores = torch.cat([scores[n].reshape(-1).double() for n in names])
         flat_scores = torch.where(flat_candidates, flat_scores, torch.tensor(-math.inf, dtype=torch.float64))
+        flat_reserved = torch.zeros_like(flat_candidates)
+        if min_output_density > 0:
+            fixed = set(fixed_output_tensors(structure))
+            flat_reserved = torch.cat([
+                _reserved_rows(candidates[n], scores[n], min_output_density).reshape(-1) if n in fixed
+                else torch.zeros(candidates[n].numel(), dtype=torch.bool) for n in names])
+            flat_scores = torch.where(flat_reserved, torch.tensor(-math.inf, dtype=torch.float64), flat_scores)
         order = torch.sort(flat_scores, descending=True, stable=True).indices
-        flat_keep = torch.zeros_like(flat_candidates)
-        flat_keep[order[:target]] = True
+        flat_keep = flat_reserved.clone()
+        flat_keep[order[:max(target - int(flat_reserved.sum()), 0)]] = True
     else:
         flat_keep = flat_candidates
     weights, offset = {}, 0

@@ -279,7 +279,8 @@ class AutoFLIP(Strategy):
         sparsity = scheduled_sparsity(server_round, c.sparsity_initial, c.sparsity, ramp)
         structured = c.structured_sparsity * (sparsity / c.sparsity) if c.sparsity > 0 else c.structured_sparsity
         previous = self.mask if self.mask_version else None
-        mask = compute_hybrid_mask(self.scores, self.structure, sparsity, structured, previous, c.regrowth)
+        mask = compute_hybrid_mask(self.scores, self.structure, sparsity, structured, previous, c.regrowth,
+                                   c.min_output_density)
         if not mask.equals(self.mask):
             self.mask, self.mask_version = mask, self.mask_version + 1
             self.layout = Layout.build(self.structure, mask)

@@ -5,6 +5,7 @@ from autoflip_strategy.masks import (
     apply_mask,
     compute_hybrid_mask,
     dense_mask,
+    fixed_output_tensors,
     scheduled_sparsity,
     tensor_masks,
     unit_scores,
@@ -30,6 +31,40 @@ def test_unstructured_quantile_keeps_the_top_scores_globally():
     assert mask.weights["b.weight"].tolist() == [[True, False, False], [False, False, False]]
     assert mask.weights["a.weight"].reshape(-1).tolist() == [False] * 4 + [True] * 8
     assert mask.density() == pytest.approx(0.5)
+
+
+def test_min_output_density_keeps_fan_in_for_every_classifier_row():
+    """The ranking above empties b's second row (an output that no group may remove); the floor refills it."""
+    s = tiny_structure()
+    assert fixed_output_tensors(s) == ["b.weight"]
+    scores = {"a.weight": torch.arange(12.0).reshape(3, 4), "b.weight": torch.tensor([[100.0, 0.5, 0.5], [0.5, 0.5, 0.5]])}
+    mask = compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0, min_output_density=0.34)
+    # ceil(0.34 * 3) = 2 per row, best scores first (ties: first index)
+    assert mask.weights["b.weight"].tolist() == [[True, True, False], [True, True, False]]
+    # same budget of 9: the 5 best of a.weight fill the rest
+    assert mask.weights["a.weight"].reshape(-1).tolist() == [False] * 7 + [True] * 5
+    assert mask.density() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_min_output_density_changes_nothing_when_the_ranking_keeps_the_rows(name):
+    model, example = ALL[name]()
+    s = discover_structure(model, example)
+    fixed = fixed_output_tensors(s)
+    assert fixed, "every model under test has a classifier"
+    gen = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(s.shapes[n], generator=gen) + (10.0 if n in fixed else 0.0) for n in s.prunable}
+    plain = compute_hybrid_mask(scores, s, 0.5, 0.2)
+    floored = compute_hybrid_mask(scores, s, 0.5, 0.2, min_output_density=0.5)
+    assert floored.equals(plain)
+    # and with the classifier ranked last, every row keeps its share of the surviving fan-in
+    low = {n: t - (20.0 if n in fixed else 0.0) for n, t in scores.items()}
+    mask = compute_hybrid_mask(low, s, 0.5, 0.2, min_output_density=0.25)
+    assert mask.density() == pytest.approx(plain.density(), abs=1e-3)
+    for n in fixed:
+        rows = mask.weights[n].reshape(mask.weights[n].shape[0], -1).sum(1)
+        alive = compute_hybrid_mask(low, s, 0.0, 0.2).weights[n].reshape(rows.shape[0], -1).sum(1)
+        assert (rows >= torch.ceil(0.25 * alive.double() - 1e-9)).all() and (rows > 0).all(), n
 
 
 def test_structured_removes_lowest_fan_in_units_and_their_consumers():
