@@ -245,28 +245,42 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+def cut_off_runs(setting: Setting, method: str, out: Path) -> list[dict[str, Any]]:
+    """The results of (setting, method) runs that did not complete, for dashed partial curves."""
+    from runner.simulation import find_results, load_results
+
+    found = [load_results(p) for folder in sorted((out / "runs" / setting.name).glob(f"{method}-seed*"))
+             for p in find_results(folder)]
+    return [r for r in found if r.get("status") != "completed" and r.get("rounds")]
+
+
+def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path,
+         partial: dict[str, list[dict[str, Any]]] | None = None) -> list[Path]:
+    """Accuracy vs round and vs cumulative MB, mean over seeds; ``partial`` (cut-off runs) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
+    curves = [(m, r, "-", m) for m, r in runs.items()]
+    curves += [(m, r, "--", f"{m} (cut off)") for m, r in (partial or {}).items() if r]
     for kind in ("round", "mb"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, results in runs.items():
-            acc = np.nanmean([_curve(r["rounds"], "accuracy") for r in results], axis=0)
+        for method, results, style, label in curves:
+            length = min(len(r["rounds"]) for r in results)
+            acc = np.nanmean([_curve(r["rounds"][:length], "accuracy") for r in results], axis=0)
             if kind == "round":
                 x = np.arange(len(acc))
             else:
-                x = np.mean([(_curve(r["rounds"], "cum_bytes_down") + _curve(r["rounds"], "cum_bytes_up")) / 1e6
-                             for r in results], axis=0)
-            ax.plot(x, acc, marker=".", label=method)
+                x = np.mean([(_curve(r["rounds"][:length], "cum_bytes_down")
+                              + _curve(r["rounds"][:length], "cum_bytes_up")) / 1e6 for r in results], axis=0)
+            ax.plot(x, acc, style, marker=".", label=label)
         ax.set_xlabel("round (0 = exploration / initial model)" if kind == "round" else "cumulative MB (down + up)")
         ax.set_ylabel("test accuracy")
         ax.set_title(setting.name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         path = out / f"{setting.name}-accuracy-vs-{kind}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -290,14 +304,15 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
         if summary_only or (only and setting.name not in only):
             # Not run now: summarise the completed runs on disk (every seed found) when each method has one.
             found = {m: completed_seeds(setting, m, out) for m in methods or setting.methods}
-            for m in [m for m, seeds_of in found.items() if not seeds_of]:
+            partial = {m: cut_off_runs(setting, m, out) for m, seeds_of in found.items() if not seeds_of}
+            for m in partial:
                 skipped[f"{setting.name} | {m}"] = cut_off_note(setting, m, out) or "(no run yet)"
             found = {m: seeds_of for m, seeds_of in found.items() if seeds_of}
             if "fedavg" in found:
                 runs = {m: [json.loads(completed_run(setting, m, seed, out).read_text()) for seed in seeds_of]
                         for m, seeds_of in found.items()}
                 rows += summarise(setting, runs)
-                plot(setting, runs, out)
+                plot(setting, runs, out, partial)
             continue
         data_dir, missing = setting.data_dir()
         if missing:

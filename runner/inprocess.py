@@ -15,7 +15,7 @@ wire are counted (``InProcessGrid.wire_bytes``).
 What differs from ``flwr run``: nodes run one at a time (no parallel actors, so
 client wall-clock is the sum, not the max), and there is no network, timeout or
 node churn. Sampling, seeds and aggregation are the strategy's, so a seed gives
-the same run as the simulation engine (``tests/test_inprocess.py`` checks it).
+the same run as the simulation engine (``tests/test_simulation.py`` checks it).
 
 Library use::
 
