@@ -139,14 +139,8 @@ def completed_run(setting: Setting, method: str, seed: int, out: Path) -> Path |
 
 def cut_off_note(setting: Setting, method: str, out: Path) -> str | None:
     """For a method none of whose runs completed: how far its cut-off runs got, beside FedAvg then."""
-    from runner.simulation import find_results, load_results
-
-    seen = []
-    for folder in sorted((out / "runs" / setting.name).glob(f"{method}-seed*")):
-        for path in find_results(folder):
-            rounds = load_results(path)["rounds"]
-            if rounds:
-                seen.append((folder.name.rsplit("-seed", 1)[1], rounds[-1]["round"], rounds[-1]["accuracy"]))
+    seen = [(r["config"]["seed"], r["rounds"][-1]["round"], r["rounds"][-1]["accuracy"])
+            for r in cut_off_runs(setting, method, out)]
     if not seen:
         return None
     at = min(r for _, r, _ in seen)
@@ -155,6 +149,15 @@ def cut_off_note(setting: Setting, method: str, out: Path) -> str | None:
     runs = ", ".join(f"seed {seed}: round {r}/{setting.rounds}, acc {acc:.3f}" for seed, r, acc in seen)
     versus = f"; FedAvg at round {at}: {np.mean(fedavg):.3f}" if fedavg else ""
     return f"cut off ({runs}{versus})"
+
+
+def cut_off_runs(setting: Setting, method: str, out: Path) -> list[dict[str, Any]]:
+    """The results of (setting, method) runs that did not complete (with at least one round)."""
+    from runner.simulation import find_results, load_results
+
+    found = [load_results(p) for folder in sorted((out / "runs" / setting.name).glob(f"{method}-seed*"))
+             for p in find_results(folder)]
+    return [r for r in found if r.get("status") != "completed" and r.get("rounds")]
 
 
 def completed_seeds(setting: Setting, method: str, out: Path) -> list[int]:
@@ -243,15 +246,6 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     for name, why in skipped.items():  # "setting" (not run) or "setting | method" (runs cut off)
         lines.append(f"| {name} | {why} |" + " |" * 9 if " | " in name else f"| {name} | (not run) | {why} |" + " |" * 9)
     return "\n".join(lines) + "\n"
-
-
-def cut_off_runs(setting: Setting, method: str, out: Path) -> list[dict[str, Any]]:
-    """The results of (setting, method) runs that did not complete, for dashed partial curves."""
-    from runner.simulation import find_results, load_results
-
-    found = [load_results(p) for folder in sorted((out / "runs" / setting.name).glob(f"{method}-seed*"))
-             for p in find_results(folder)]
-    return [r for r in found if r.get("status") != "completed" and r.get("rounds")]
 
 
 def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path,
