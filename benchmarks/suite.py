@@ -232,7 +232,8 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]]) -> list[d
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+def markdown(rows: list[dict[str, Any]], notes: dict[tuple[str, str], str]) -> str:
+    """The summary table; ``notes`` adds a row per (setting, method) that has no result (why)."""
     head = ("| setting | method | seeds | final acc | best acc | density | MB down | MB up | MB to FedAvg acc "
             "| comm vs FedAvg | train FLOPs vs FedAvg | client s vs FedAvg |\n|" + "---|" * 12)
     lines = [head]
@@ -243,8 +244,8 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
             f"| {r['best_acc']:.3f} "
             f"| {r['density']:.2f} | {r['mb_down']:.1f} | {r['mb_up']:.1f} | {reach} | {r['comm_vs_fedavg']:.2f} "
             f"| {r['flops_vs_fedavg']:.2f} | {r['client_seconds_vs_fedavg']:.2f} |")
-    for name, why in skipped.items():  # "setting" (not run) or "setting | method" (runs cut off)
-        lines.append(f"| {name} | {why} |" + " |" * 9 if " | " in name else f"| {name} | (not run) | {why} |" + " |" * 9)
+    for (setting, method), why in notes.items():
+        lines.append(f"| {setting} | {method} | {why} |" + " |" * 9)
     return "\n".join(lines) + "\n"
 
 
@@ -292,7 +293,8 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
     on disk, whatever their seeds, still make their rows and plots."""
     out = out or RESULTS / suite
     out.mkdir(parents=True, exist_ok=True)
-    rows, skipped = [], dict(NOT_RUN) if suite == "paper" else {}
+    rows: list[dict[str, Any]] = []
+    notes = {(name, "(not run)"): why for name, why in NOT_RUN.items()} if suite == "paper" else {}
     started = time.time()
     for setting in SETTINGS[suite]:
         if summary_only or (only and setting.name not in only):
@@ -300,7 +302,7 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
             found = {m: completed_seeds(setting, m, out) for m in methods or setting.methods}
             partial = {m: cut_off_runs(setting, m, out) for m, seeds_of in found.items() if not seeds_of}
             for m in partial:
-                skipped[f"{setting.name} | {m}"] = cut_off_note(setting, m, out) or "(no run yet)"
+                notes[setting.name, m] = cut_off_note(setting, m, out) or "(no run yet)"
             found = {m: seeds_of for m, seeds_of in found.items() if seeds_of}
             if "fedavg" in found:
                 runs = {m: [json.loads(completed_run(setting, m, seed, out).read_text()) for seed in seeds_of]
@@ -311,7 +313,7 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
         data_dir, missing = setting.data_dir()
         if missing:
             print(f"[{setting.name}] not run: {missing}", flush=True)
-            skipped[setting.name] = missing
+            notes[setting.name, "(not run)"] = missing
             continue
         runs: dict[str, list[dict[str, Any]]] = {}
         todo = [(method, seed) for method in methods or setting.methods for seed in seeds]
@@ -335,8 +337,8 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["setting"])
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.md").write_text(markdown(rows, skipped))
-    print(f"\n{markdown(rows, skipped)}\nsuite {suite}: {time.time() - started:.0f}s; results in {out}", flush=True)
+    (out / "summary.md").write_text(markdown(rows, notes))
+    print(f"\n{markdown(rows, notes)}\nsuite {suite}: {time.time() - started:.0f}s; results in {out}", flush=True)
     return out / "summary.md"
 
 

@@ -69,7 +69,7 @@ from runner.simulation import (  # shared launcher helpers
     _wait_healthy,
     find_results,
     load_results,
-    parse_overrides,
+    parse_override_args,
     toml_key,
     toml_value,
 )
@@ -675,12 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--verbose", "-v", action="store_true", help="print all of Flower's output")
     args = parser.parse_args(argv)
-    try:
-        overrides: dict[str, Any] = {}
-        for text in args.run_config:
-            overrides.update(parse_overrides(text))
-    except ValueError as exc:
-        parser.error(str(exc))
+    overrides = parse_override_args(parser, args.run_config)
     overrides[OUTPUT_DIR_KEY] = str(args.output_dir.resolve())
 
     def show(line: str) -> None:

@@ -169,7 +169,7 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner.simulation import load_results, parse_overrides, summarise
+    from runner.simulation import load_results, parse_override_args, summarise
 
     parser = argparse.ArgumentParser(prog="python -m runner.inprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--num-nodes", type=int, default=10, help="clients (default 10)")
@@ -177,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[], metavar='"k=v ..."',
                         help="run-config overrides in Flower's syntax, e.g. \"num-server-rounds=3 device='cuda'\"")
     args = parser.parse_args(argv)
-    try:
-        overrides: dict[str, Any] = {}
-        for text in args.run_config:
-            overrides.update(parse_overrides(text))
-    except ValueError as exc:
-        parser.error(str(exc))
+    overrides = parse_override_args(parser, args.run_config)
     start = time.time()
     path = run_inprocess(overrides, args.num_nodes, output_dir=args.output_dir)
     print(f"results: {path} ({time.time() - start:.0f}s)")

@@ -134,6 +134,17 @@ def parse_overrides(text: str) -> dict[str, Any]:
         raise ValueError(f"invalid override {text!r}: values are TOML (strings in quotes): {exc}") from None
 
 
+def parse_override_args(parser: argparse.ArgumentParser, texts: Iterable[str]) -> dict[str, Any]:
+    """The ``--run-config`` arguments of a CLI, merged; a parse error ends the CLI with ``parser.error``."""
+    overrides: dict[str, Any] = {}
+    try:
+        for text in texts:
+            overrides.update(parse_overrides(text))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return overrides
+
+
 def federation_config(num_supernodes: int, client_cpus: float,
                       extra: Mapping[str, Any] | None = None) -> str:
     """The ``--federation-config`` argument (keys as in Flower's ``SimulationConfig``, kebab-case)."""
@@ -490,13 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", "-v", action="store_true", help="print all of Flower's output")
     args = parser.parse_args(argv)
 
-    try:
-        overrides: dict[str, Any] = {}
-        for text in args.run_config:
-            overrides.update(parse_overrides(text))
-        extra = parse_overrides(args.federation_config) if args.federation_config else None
-    except ValueError as exc:
-        parser.error(str(exc))
+    overrides = parse_override_args(parser, args.run_config)
+    extra = parse_override_args(parser, [args.federation_config]) if args.federation_config else None
 
     def show(line: str) -> None:
         if args.verbose or line.startswith("[") or line.startswith("AutoFLIP run"):
