@@ -6,10 +6,14 @@ them: it takes the keep-masks a run ended with (``final_mask.pt``, or the weight
 pooled training data with Adam under ``enforce_mask``, and reports test accuracy next to a dense
 model trained the same way. ``--refill-empty-rows`` also tries each mask with every emptied output
 row of a layer that cannot lose units (the classifier) given back, to test whether those rows
-are what blocks learning.
+are what blocks learning. ``--report-only`` trains nothing and prints, per run, the
+classifier rows: how many are empty, the smallest row density, the share of training targets
+whose row is empty, and (from a cut-off run's checkpoint) the rank correlation between a row's
+mean guidance and how often its class is the target.
 
-    python -m benchmarks.mask_probe benchmarks/results/shakespeare/runs/shakespeare-roles/{magnitude,autoflip}-seed0 \\
-        --data-dir ../shared/data/tinyshakespeare --steps 300 --refill-empty-rows
+    python -m benchmarks.mask_probe benchmarks/results/shakespeare/runs/shakespeare-roles/autoflip-seed0 \\
+        --steps 200 --refill-empty-rows
+    python -m benchmarks.mask_probe --report-only benchmarks/results/shakespeare/runs/shakespeare-roles/*
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from autoflip_strategy import discover_structure
 from autoflip_strategy.enforce import enforce_mask
+from autoflip_strategy.masks import fixed_output_tensors
 from autoflip_task.config import model_name
 from autoflip_task.data import load_federated_data
 from autoflip_task.models import build_model, example_input
@@ -41,11 +47,40 @@ def run_masks(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, masks
 
 
-def fixed_output_rows(model: torch.nn.Module, example: torch.Tensor) -> set[str]:
+def fixed_output_rows(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
     """Prunable weights whose output rows no unit group may remove (the classifier's)."""
-    structure = discover_structure(model, example)
-    producers = {m.tensor for g in structure.groups for m in g.members if m.dim == 0}
-    return {n for n in structure.prunable if n not in producers}
+    return fixed_output_tensors(discover_structure(model, example))
+
+
+def data_dir_of(run: Path, cfg: dict, override: str = "") -> str:
+    """``override``, else where the suite finds the run's setting's data here, else the run's own data-dir."""
+    from benchmarks.suite import SETTINGS
+
+    found = [s.data_dir()[0] for settings in SETTINGS.values() for s in settings if s.name == run.parent.name]
+    return override or (found[0] if found else cfg["data-dir"])
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x)).astype(float) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def row_report(run: Path, data_dir: str = "") -> str:
+    """One table row on the classifier rows of a run's mask (no training)."""
+    cfg, masks = run_masks(run)
+    data = load_federated_data(cfg["dataset"], data_dir_of(run, cfg, data_dir), cfg["seed"])
+    model = build_model(model_name(cfg), data.input_shape, data.num_classes)
+    [name] = fixed_output_rows(model, example_input(data.input_shape, data.num_classes))
+    keep = masks[name].reshape(masks[name].shape[0], -1)
+    empty = ~keep.any(1)
+    counts = np.bincount(data.train_y.numpy(), minlength=keep.shape[0])
+    cut = "" if (run / "run" / "final_mask.pt").exists() else " (cut off)"
+    rho = ""
+    if (ckpt := next(run.glob("*/checkpoint.pt"), None)) is not None and cut:
+        scores = torch.load(ckpt, weights_only=False)["scores"][name]
+        rho = f"{_spearman(scores.reshape(keep.shape[0], -1).mean(1).numpy(), counts):+.2f}"
+    return (f"| {run.name}{cut} | {name} | {int(empty.sum())} of {keep.shape[0]} | {keep.float().mean(1).min():.3f} "
+            f"| {counts[empty.numpy()].sum() / counts.sum():.2f} | {rho} |")
 
 
 def train_under(masks: dict[str, torch.Tensor] | None, cfg: dict, data, steps: int, batch: int, seed: int) -> float:
@@ -66,17 +101,24 @@ def train_under(masks: dict[str, torch.Tensor] | None, cfg: dict, data, steps: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (<suite>/runs/<setting>/<method>-seed<k>)")
-    parser.add_argument("--data-dir", default="", help="the dataset folder (default: the run's data-dir)")
+    parser.add_argument("--data-dir", default="", help="the dataset folder (default: the suite's, else the run's)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refill-empty-rows", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="no training: the classifier rows of each run")
     args = parser.parse_args(argv)
+    if args.report_only:
+        print("| run | classifier | empty rows | min row density | targets in empty rows "
+              "| guidance vs target frequency (Spearman) |\n|---|---|---|---|---|---|")
+        for run in args.runs:
+            print(row_report(run, args.data_dir), flush=True)
+        return
 
     rows, dense_done = [], False
     for run in args.runs:
         cfg, masks = run_masks(run)
-        data = load_federated_data(cfg["dataset"], args.data_dir or cfg["data-dir"], cfg["seed"])
+        data = load_federated_data(cfg["dataset"], data_dir_of(run, cfg, args.data_dir), cfg["seed"])
         model = build_model(model_name(cfg), data.input_shape, data.num_classes)
         fixed = fixed_output_rows(model, example_input(data.input_shape, data.num_classes))
         variants = [] if dense_done else [("dense", None)]

@@ -3,6 +3,8 @@
 import csv
 import json
 
+import torch
+
 from benchmarks.suite import METHODS, SETTINGS, run_suite
 
 
@@ -50,6 +52,12 @@ def test_inprocess_engine_runs_in_parallel_and_resumes_a_cut_off_run(tmp_path):
     results = json.loads(path.read_text())
     wire = json.loads((path.parent / "wire_bytes.json").read_text())
     assert wire["up"] >= sum(r["bytes_up"] for r in results["rounds"]) > 0
+    # The classifier-row report of benchmarks.mask_probe counts what the saved mask holds.
+    from benchmarks.mask_probe import row_report
+
+    keep = torch.load(path.parent / "final_mask.pt", weights_only=True)["fc2.weight"]
+    assert row_report(path.parent.parent).startswith(
+        f"| autoflip-seed0 | fc2.weight | {int((~keep.any(1)).sum())} of 10 | {keep.float().mean(1).min():.3f} |")
     # As if cut off after its last checkpoint: the suite resumes it instead of starting over.
     path.write_text(json.dumps({**results, "status": "running", "rounds": results["rounds"][:2]}))
     table = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path, summary_only=True).read_text()
