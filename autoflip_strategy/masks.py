@@ -121,6 +121,19 @@ def fixed_output_tensors(structure: ModelStructure) -> list[str]:
     return [n for n in structure.prunable if n not in fan_in]
 
 
+def empty_output_rows(mask: HybridMask, structure: ModelStructure) -> dict[str, int]:
+    """Per classifier weight (:func:`fixed_output_tensors`), how many output rows keep no input.
+
+    Such an output is left with its bias alone: the global ranking can do this to the rows of frequent
+    classes (README, Shakespeare), which ``min_output_density`` prevents. Weights with none are left out."""
+    out = {}
+    for name in fixed_output_tensors(structure):
+        keep = mask.weights[name]
+        if empty := int((~keep.reshape(keep.shape[0], -1).any(1)).sum()):
+            out[name] = empty
+    return out
+
+
 def _reserved_rows(candidates: torch.Tensor, score: torch.Tensor, share: float) -> torch.Tensor:
     """Per output row, the ceil(share * candidates in the row) best-scored candidates."""
     rows = candidates.reshape(candidates.shape[0], -1)

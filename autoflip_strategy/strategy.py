@@ -41,7 +41,7 @@ from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_stat
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import AutoFLIPConfig
 from .costs import training_flops_per_example
-from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, scheduled_sparsity
+from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, empty_output_rows, scheduled_sparsity
 from .structure import ModelStructure, discover_structure, structure_to_json
 
 DESCRIBE_CHUNK = 100  # handshake messages in flight at once
@@ -268,8 +268,14 @@ class AutoFLIP(Strategy):
     # ----------------------------------------------------------- each round
     def _update_mask(self, server_round: int) -> None:
         c = self.config
-        if not c.prunes or (c.strategy == "random" and self.mask_version):
+        if not c.prunes:
             return
+        if not (c.strategy == "random" and self.mask_version):  # a random mask is drawn once
+            self._recompute_mask(server_round)
+        self._round["empty_output_rows"] = sum(empty_output_rows(self.mask, self.structure).values())
+
+    def _recompute_mask(self, server_round: int) -> None:
+        c = self.config
         if c.strategy == "random" and self.scores is None:
             gen = torch.Generator().manual_seed(c.seed)
             self.scores = {n: torch.rand(self.structure.shapes[n], generator=gen) for n in self.structure.prunable}
@@ -284,6 +290,10 @@ class AutoFLIP(Strategy):
         if not mask.equals(self.mask):
             self.mask, self.mask_version = mask, self.mask_version + 1
             self.layout = Layout.build(self.structure, mask)
+            if empty := empty_output_rows(mask, self.structure):
+                log(WARNING, "Mask v%d leaves output rows with no input (%s): those outputs keep only their bias; "
+                    "min-output-density (e.g. 0.5) reserves a share of every row", self.mask_version,
+                    ", ".join(f"{n}: {k} of {self.structure.shapes[n][0]}" for n, k in empty.items()))
         apply_mask(self.state, self.layout.tensor_masks)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -128,13 +128,45 @@ NOT_RUN = {
 }
 
 
+def planned_config(setting: Setting, method: str, seed: int, data_dir: str = "") -> dict[str, Any]:
+    """The run config the suite gives one run of (setting, method, seed)."""
+    return {**setting.run_config, **METHODS[method], "dataset": setting.dataset, "seed": seed,
+            "num-server-rounds": setting.rounds, "fraction-train": setting.per_round / setting.num_clients,
+            "min-train-nodes": setting.per_round, "min-available-nodes": setting.num_clients,
+            "data-dir": data_dir, "run-name": "run"}
+
+
+# Where a run was made, not what it computed: may differ between a stored run and the suite's plan.
+PLACE_KEYS = frozenset({"data-dir", "output-dir", "run-name", "resume", "device"})
+
+
+def check_run_matches(results: dict[str, Any], setting: Setting, method: str, seed: int, path: Path) -> None:
+    """Refuse a stored run made under other settings than the suite's current ones.
+
+    Without this, editing a setting (more rounds, another learning rate) would silently keep reporting
+    the old runs, or resume a cut-off one under the new values. Keys the stored run lacks (written by
+    an older version) are not compared."""
+    stored = results.get("config", {})
+    drift = {k: (stored[k], v) for k, v in planned_config(setting, method, seed).items()
+             if k not in PLACE_KEYS and k in stored and stored[k] != v}
+    if drift:
+        changes = ", ".join(f"{k}: ran {was!r}, now {now!r}" for k, (was, now) in sorted(drift.items()))
+        raise ValueError(f"{path} was made under other settings ({changes}); move that run away to re-run it, "
+                         f"or restore the setting")
+
+
 def completed_run(setting: Setting, method: str, seed: int, out: Path) -> Path | None:
-    """The results.json of a completed earlier run of (setting, method, seed), or None."""
+    """The results.json of a completed earlier run of (setting, method, seed), or None.
+
+    Raises ValueError when that run does not match the suite's current settings."""
     from runner.simulation import find_results, load_results
 
     run_dir = out / "runs" / setting.name / f"{method}-seed{seed}"
-    done = [p for p in find_results(run_dir) if load_results(p).get("status") == "completed"]
-    return sorted(done)[-1] if done else None
+    done = sorted(p for p in find_results(run_dir) if load_results(p).get("status") == "completed")
+    if not done:
+        return None
+    check_run_matches(load_results(done[-1]), setting, method, seed, done[-1])
+    return done[-1]
 
 
 def cut_off_note(setting: Setting, method: str, out: Path) -> str | None:
@@ -178,11 +210,10 @@ def run_one(setting: Setting, method: str, seed: int, out: Path, data_dir: str, 
     if (done := completed_run(setting, method, seed, out)) is not None:
         return done
     run_dir = out / "runs" / setting.name / f"{method}-seed{seed}"
-    cfg = {**setting.run_config, **METHODS[method], "dataset": setting.dataset, "seed": seed,
-           "num-server-rounds": setting.rounds, "fraction-train": setting.per_round / setting.num_clients,
-           "min-train-nodes": setting.per_round, "min-available-nodes": setting.num_clients,
-           "data-dir": data_dir, "run-name": "run",
-           "resume": (run_dir / "run" / "checkpoint.pt").exists()}
+    checkpoint = run_dir / "run" / "checkpoint.pt"
+    if checkpoint.exists() and (results := run_dir / "run" / "results.json").exists():
+        check_run_matches(json.loads(results.read_text()), setting, method, seed, results)
+    cfg = {**planned_config(setting, method, seed, data_dir), "resume": checkpoint.exists()}
     if engine == "simulation":
         return run_simulation(cfg, setting.num_clients, output_dir=run_dir, timeout=4 * 3600, client_cpus=2)
     # In its own process: its own CUDA context, torch threads and dataset cache; the log beside the run.

@@ -5,6 +5,7 @@ from autoflip_strategy.masks import (
     apply_mask,
     compute_hybrid_mask,
     dense_mask,
+    empty_output_rows,
     fixed_output_tensors,
     scheduled_sparsity,
     tensor_masks,
@@ -41,6 +42,9 @@ def test_min_output_density_keeps_fan_in_for_every_classifier_row():
     mask = compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0, min_output_density=0.34)
     # ceil(0.34 * 3) = 2 per row, best scores first (ties: first index)
     assert mask.weights["b.weight"].tolist() == [[True, True, False], [True, True, False]]
+    assert empty_output_rows(mask, s) == {}
+    assert empty_output_rows(compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0), s) == {
+        "b.weight": 1}
     # same budget of 9: the 5 best of a.weight fill the rest
     assert mask.weights["a.weight"].reshape(-1).tolist() == [False] * 7 + [True] * 5
     assert mask.density() == pytest.approx(0.5)

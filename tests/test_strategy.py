@@ -33,12 +33,12 @@ def central_eval():
     return fn
 
 
-def run(rounds=3, nodes=6, faults=None, evaluate_fn=None, checkpoint=None, resume=False, **cfg):
+def run(rounds=3, nodes=6, faults=None, evaluate_fn=None, checkpoint=None, resume=False, arrays=None, **cfg):
     cfg = {"explore_epochs": 1, "fraction_train": 0.5, **cfg}
     grid = InProcessGrid(client_app, nodes, {"local-epochs": 1}, faults=faults)
     strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), AutoFLIPConfig(**cfg),
                         train_config={"local-epochs": 1}, checkpoint=checkpoint)
-    result = strategy.start(grid, theta0(), num_rounds=rounds, evaluate_fn=evaluate_fn, resume=resume)
+    result = strategy.start(grid, arrays or theta0(), num_rounds=rounds, evaluate_fn=evaluate_fn, resume=resume)
     return strategy, result, grid
 
 
@@ -57,6 +57,21 @@ def test_pruned_run_hits_density_and_keeps_pruned_coordinates_zero():
     sent = sum(r["masks_sent"] for r in h[1:])
     assert sent == len({p for r in h[1:] for p in r["sampled"]})
     assert h[1]["bytes_up"] < 0.5 * h[0]["bytes_down"] / 6 * 3
+
+
+def test_emptied_classifier_rows_are_warned_about_and_recorded(caplog):
+    """Five classifier rows with tiny weights rank last under magnitude pruning and lose every input."""
+    state = theta0().to_torch_state_dict()
+    state["fc2.weight"][:5] *= 1e-3
+    with caplog.at_level("WARNING"):
+        plain, _, _ = run(rounds=1, strategy="magnitude", structured_sparsity=0.0, arrays=ArrayRecord(state))
+    assert plain.history[1]["empty_output_rows"] == 5
+    assert "Mask v1 leaves output rows with no input (fc2.weight: 5 of 10)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        floored, _, _ = run(rounds=1, strategy="magnitude", structured_sparsity=0.0, arrays=ArrayRecord(state),
+                            min_output_density=0.5)
+    assert floored.history[1]["empty_output_rows"] == 0 and "no input" not in caplog.text
 
 
 def test_sparse_codec_and_dense_transport_give_bit_identical_models():

@@ -1,14 +1,16 @@
 """The benchmark suite's tiny configuration, end to end through real Flower simulations."""
 
 import csv
+import dataclasses
 import json
 
+import pytest
 import torch
 
 from benchmarks.suite import METHODS, SETTINGS, run_suite
 
 
-def test_smoke_suite_writes_table_csv_and_plots(tmp_path):
+def test_smoke_suite_writes_table_csv_and_plots(tmp_path, monkeypatch):
     summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path)
     text = summary.read_text()
     assert "| digits-iid-4 | fedavg |" in text and "| digits-iid-4 | autoflip |" in text
@@ -31,6 +33,15 @@ def test_smoke_suite_writes_table_csv_and_plots(tmp_path):
     (tmp_path / "summary.md").unlink()
     rebuilt = run_suite("smoke", seeds=[5], methods=["fedavg", "autoflip"], out=tmp_path, summary_only=True)
     assert rebuilt.read_text() == text and "| digits-iid-4 | autoflip | 1 |" in text
+    assert sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json")) == before
+    # After a setting changes, its old runs are refused (named, with what changed), not reported or reused.
+    smoke = SETTINGS["smoke"][0]
+    longer = dataclasses.replace(smoke, rounds=3, run_config={**smoke.run_config, "learning-rate": 0.01})
+    monkeypatch.setitem(SETTINGS, "smoke", [longer])
+    for summary_only in (True, False):
+        with pytest.raises(ValueError, match=r"fedavg-seed0/.*learning-rate: ran 0.003, now 0.01, "
+                                             r"num-server-rounds: ran 2, now 3"):
+            run_suite("smoke", seeds=[0], methods=["fedavg"], out=tmp_path, summary_only=summary_only)
     assert sorted(p.stat().st_mtime for p in tmp_path.glob("runs/**/results.json")) == before
 
 
