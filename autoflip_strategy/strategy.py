@@ -383,6 +383,8 @@ class AutoFLIP(Strategy):
     def load_checkpoint_state(self, payload: Mapping[str, Any]) -> int:
         """Restore :meth:`checkpoint_state`; returns the last completed round."""
         saved, mine = json.loads(payload["config"]), asdict(self.config)
+        # An option the checkpoint lacks did not exist when it was written: that run used its default.
+        saved = {**asdict(type(self.config)()), **saved}
         differs = sorted(k for k in mine if k != "round_timeout" and saved.get(k) != mine[k])
         if differs:
             raise ValueError(f"checkpoint was written with other settings for {differs}")

@@ -1,5 +1,7 @@
 """The strategy end to end through real ClientApp handlers (in-process grid, see runner/inprocess.py)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,19 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
     run(rounds=1, checkpoint=tmp_path / "c.pt")
     with pytest.raises(ValueError, match="sparsity"):
         run(rounds=2, checkpoint=tmp_path / "c.pt", resume=True, sparsity=0.7)
+
+
+def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
+    """A checkpoint from a version without ``min_output_density`` was made under its default (0)."""
+    run(rounds=1, checkpoint=tmp_path / "old.pt")
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    config = json.loads(payload["config"])
+    del config["min_output_density"]
+    torch.save({**payload, "config": json.dumps(config)}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"\['min_output_density'\]"):
+        run(rounds=2, checkpoint=tmp_path / "old.pt", resume=True, min_output_density=0.5)
+    resumed, _, _ = run(rounds=2, checkpoint=tmp_path / "old.pt", resume=True)
+    assert [h["round"] for h in resumed.history] == [0, 1, 2]
 
 
 def test_thirty_percent_failures_cost_little_accuracy():
