@@ -23,6 +23,9 @@ def test_smoke_suite_writes_table_csv_and_plots(tmp_path, monkeypatch):
     assert runs["autoflip"]["rounds"][0]["bytes_up"] > 0 and runs["fedavg"]["rounds"][0]["bytes_up"] == 0
     for key in ("bytes_up", "train_flops"):
         assert runs["autoflip"]["rounds"][1][key] < 0.7 * runs["fedavg"]["rounds"][1][key]
+    # "last-5 acc" averages the training rounds (both here), not the exploration round
+    train_accs = [r["accuracy"] for r in runs["autoflip"]["rounds"] if r["phase"] == "train"]
+    assert len(train_accs) == 2 and float(rows["autoflip"]["last5_acc"]) == pytest.approx(sum(train_accs) / 2)
     for kind in ("round", "mb"):
         assert (tmp_path / f"digits-iid-4-accuracy-vs-{kind}.png").stat().st_size > 1000
     # a second call reuses the completed runs instead of training again
