@@ -8,7 +8,7 @@ model trained the same way. ``--refill-empty-rows`` also tries each mask with ev
 row of a layer that cannot lose units (the classifier) given back, to test whether those rows
 are what blocks learning. ``--report-only`` trains nothing and prints, per run, the
 classifier rows: how many are empty, the smallest row density, the share of training targets
-whose row is empty, and (from a cut-off run's checkpoint) the rank correlation between a row's
+whose row is empty, and (from the run's last ``checkpoint.pt``, where present) the rank correlation between a row's
 mean guidance and how often its class is the target.
 
     python -m benchmarks.mask_probe benchmarks/results/shakespeare/runs/shakespeare-roles/autoflip-seed0 \\
@@ -76,7 +76,7 @@ def row_report(run: Path, data_dir: str = "") -> str:
     counts = np.bincount(data.train_y.numpy(), minlength=keep.shape[0])
     cut = "" if (run / "run" / "final_mask.pt").exists() else " (cut off)"
     rho = ""
-    if (ckpt := next(run.glob("*/checkpoint.pt"), None)) is not None and cut:
+    if (ckpt := next(run.glob("*/checkpoint.pt"), None)) is not None:  # the guidance at the last round saved
         scores = torch.load(ckpt, weights_only=False)["scores"][name]
         rho = f"{_spearman(scores.reshape(keep.shape[0], -1).mean(1).numpy(), counts):+.2f}"
     return (f"| {run.name}{cut} | {name} | {int(empty.sum())} of {keep.shape[0]} | {keep.float().mean(1).min():.3f} "
