@@ -8,8 +8,8 @@ model trained the same way. ``--refill-empty-rows`` also tries each mask with ev
 row of a layer that cannot lose units (the classifier) given back, to test whether those rows
 are what blocks learning. ``--report-only`` trains nothing and prints, per run, the
 classifier rows: how many are empty, the smallest row density, the share of training targets
-whose row is empty, and (from the run's last ``checkpoint.pt``, where present) the rank correlation between a row's
-mean guidance and how often its class is the target.
+whose row is empty, and (from the run's last ``checkpoint.pt``, where present) the rank correlation
+between a row's mean guidance and how often its class is the target.
 
     python -m benchmarks.mask_probe benchmarks/results/shakespeare/runs/shakespeare-roles/autoflip-seed0 \\
         --steps 200 --refill-empty-rows
