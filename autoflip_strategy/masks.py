@@ -121,14 +121,15 @@ def fixed_output_tensors(structure: ModelStructure) -> list[str]:
     return [n for n in structure.prunable if n not in fan_in]
 
 
-def empty_output_rows(mask: HybridMask, structure: ModelStructure) -> dict[str, int]:
+def empty_output_rows(weights: Mapping[str, torch.Tensor], structure: ModelStructure) -> dict[str, int]:
     """Per classifier weight (:func:`fixed_output_tensors`), how many output rows keep no input.
 
-    Such an output is left with its bias alone: the global ranking can do this to the rows of frequent
+    ``weights``: keep-masks by weight name (``HybridMask.weights``, or a run's ``final_mask.pt``). Such
+    an output is left with its bias alone: the global ranking can do this to the rows of frequent
     classes (README, Shakespeare), which ``min_output_density`` prevents. Weights with none are left out."""
     out = {}
     for name in fixed_output_tensors(structure):
-        keep = mask.weights[name]
+        keep = weights[name]
         if empty := int((~keep.reshape(keep.shape[0], -1).any(1)).sum()):
             out[name] = empty
     return out

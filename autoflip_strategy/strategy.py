@@ -270,11 +270,17 @@ class AutoFLIP(Strategy):
         c = self.config
         if not c.prunes:
             return
-        if not (c.strategy == "random" and self.mask_version):  # a random mask is drawn once
-            self._recompute_mask(server_round)
-        self._round["empty_output_rows"] = sum(empty_output_rows(self.mask, self.structure).values())
+        # a random mask is drawn once
+        changed = not (c.strategy == "random" and self.mask_version) and self._recompute_mask(server_round)
+        empty = empty_output_rows(self.mask.weights, self.structure)
+        if changed and empty:
+            log(WARNING, "Mask v%d leaves output rows with no input (%s): those outputs keep only their bias; "
+                "min-output-density (e.g. 0.5) reserves a share of every row", self.mask_version,
+                ", ".join(f"{n}: {k} of {self.structure.shapes[n][0]}" for n, k in empty.items()))
+        self._round["empty_output_rows"] = sum(empty.values())
 
-    def _recompute_mask(self, server_round: int) -> None:
+    def _recompute_mask(self, server_round: int) -> bool:
+        """Recompute the mask from the current scores and apply it; True when it changed."""
         c = self.config
         if c.strategy == "random" and self.scores is None:
             gen = torch.Generator().manual_seed(c.seed)
@@ -287,14 +293,12 @@ class AutoFLIP(Strategy):
         previous = self.mask if self.mask_version else None
         mask = compute_hybrid_mask(self.scores, self.structure, sparsity, structured, previous, c.regrowth,
                                    c.min_output_density)
-        if not mask.equals(self.mask):
+        changed = not mask.equals(self.mask)
+        if changed:
             self.mask, self.mask_version = mask, self.mask_version + 1
             self.layout = Layout.build(self.structure, mask)
-            if empty := empty_output_rows(mask, self.structure):
-                log(WARNING, "Mask v%d leaves output rows with no input (%s): those outputs keep only their bias; "
-                    "min-output-density (e.g. 0.5) reserves a share of every row", self.mask_version,
-                    ", ".join(f"{n}: {k} of {self.structure.shapes[n][0]}" for n, k in empty.items()))
         apply_mask(self.state, self.layout.tensor_masks)
+        return changed
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

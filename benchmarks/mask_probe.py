@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from autoflip_strategy import discover_structure
 from autoflip_strategy.enforce import enforce_mask
-from autoflip_strategy.masks import fixed_output_tensors
+from autoflip_strategy.masks import empty_output_rows, fixed_output_tensors
 from autoflip_task.config import model_name
 from autoflip_task.data import load_federated_data
 from autoflip_task.models import build_model, example_input
@@ -45,11 +45,6 @@ def run_masks(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     else:
         masks = torch.load(results.parent / "checkpoint.pt", weights_only=False)["mask_weights"]
     return cfg, masks
-
-
-def fixed_output_rows(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
-    """Prunable weights whose output rows no unit group may remove (the classifier's)."""
-    return fixed_output_tensors(discover_structure(model, example))
 
 
 def data_dir_of(run: Path, cfg: dict, override: str = "") -> str:
@@ -70,7 +65,7 @@ def row_report(run: Path, data_dir: str = "") -> str:
     cfg, masks = run_masks(run)
     data = load_federated_data(cfg["dataset"], data_dir_of(run, cfg, data_dir), cfg["seed"])
     model = build_model(model_name(cfg), data.input_shape, data.num_classes)
-    [name] = fixed_output_rows(model, example_input(data.input_shape, data.num_classes))
+    [name] = fixed_output_tensors(discover_structure(model, example_input(data.input_shape, data.num_classes)))
     keep = masks[name].reshape(masks[name].shape[0], -1)
     empty = ~keep.any(1)
     counts = np.bincount(data.train_y.numpy(), minlength=keep.shape[0])
@@ -120,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg, masks = run_masks(run)
         data = load_federated_data(cfg["dataset"], data_dir_of(run, cfg, args.data_dir), cfg["seed"])
         model = build_model(model_name(cfg), data.input_shape, data.num_classes)
-        fixed = fixed_output_rows(model, example_input(data.input_shape, data.num_classes))
+        structure = discover_structure(model, example_input(data.input_shape, data.num_classes))
         variants = [] if dense_done else [("dense", None)]
         dense_done = True
         variants.append((run.name, masks))
-        empty = {n: int((~masks[n].reshape(masks[n].shape[0], -1).any(1)).sum()) for n in fixed if n in masks}
-        if args.refill_empty_rows and any(empty.values()):
+        empty = empty_output_rows(masks, structure)
+        if args.refill_empty_rows and empty:
             refilled = dict(masks)
             for n in empty:
                 dead = ~masks[n].reshape(masks[n].shape[0], -1).any(1)

@@ -175,10 +175,9 @@ def completed_run(setting: Setting, method: str, seed: int, out: Path) -> Path |
     return done[-1]
 
 
-def cut_off_note(setting: Setting, method: str, out: Path) -> str | None:
-    """For a method none of whose runs completed: how far its cut-off runs got, beside FedAvg then."""
-    seen = [(r["config"]["seed"], r["rounds"][-1]["round"], r["rounds"][-1]["accuracy"])
-            for r in cut_off_runs(setting, method, out)]
+def cut_off_note(setting: Setting, cut_off: list[dict[str, Any]], out: Path) -> str | None:
+    """For a method none of whose runs completed: how far its ``cut_off`` runs got, beside FedAvg then."""
+    seen = [(r["config"]["seed"], r["rounds"][-1]["round"], r["rounds"][-1]["accuracy"]) for r in cut_off]
     if not seen:
         return None
     at = min(r for _, r, _ in seen)
@@ -349,8 +348,8 @@ def run_suite(suite: str, seeds: list[int], methods: list[str] | None = None, ou
             # Not run now: summarise the completed runs on disk (every seed found) when each method has one.
             found = {m: completed_seeds(setting, m, out) for m in methods or setting.methods}
             partial = {m: cut_off_runs(setting, m, out) for m, seeds_of in found.items() if not seeds_of}
-            for m in partial:
-                notes[setting.name, m] = cut_off_note(setting, m, out) or "(no run yet)"
+            for m, cut_off in partial.items():
+                notes[setting.name, m] = cut_off_note(setting, cut_off, out) or "(no run yet)"
             found = {m: seeds_of for m, seeds_of in found.items() if seeds_of}
             if "fedavg" in found:
                 runs = {m: [json.loads(completed_run(setting, m, seed, out).read_text()) for seed in seeds_of]

@@ -42,8 +42,8 @@ def test_min_output_density_keeps_fan_in_for_every_classifier_row():
     mask = compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0, min_output_density=0.34)
     # ceil(0.34 * 3) = 2 per row, best scores first (ties: first index)
     assert mask.weights["b.weight"].tolist() == [[True, True, False], [True, True, False]]
-    assert empty_output_rows(mask, s) == {}
-    assert empty_output_rows(compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0), s) == {
+    assert empty_output_rows(mask.weights, s) == {}
+    assert empty_output_rows(compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0).weights, s) == {
         "b.weight": 1}
     # same budget of 9: the 5 best of a.weight fill the rest
     assert mask.weights["a.weight"].reshape(-1).tolist() == [False] * 7 + [True] * 5
