@@ -12,6 +12,7 @@ from .client import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTask
 from .codec import CodecError, Layout
 from .config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError, Option, parse_options
 from .enforce import enforce_mask
+from .failures import RunFailed
 from .masks import HybridMask, compute_hybrid_mask
 from .strategy import AutoFLIP
 from .structure import ModelStructure, UnsupportedModelError, discover_structure
@@ -27,6 +28,7 @@ __all__ = [
     "Layout",
     "ModelStructure",
     "Option",
+    "RunFailed",
     "STRATEGY_OPTIONS",
     "TrainOutcome",
     "TrainTask",
