@@ -60,8 +60,8 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
            low=0.0, high=1.0, high_open=True),
     Option("structured-sparsity", 0.2, "Fraction of units (filters, neurons, LSTM units) removed from every prunable layer.",
            low=0.0, high=1.0, high_open=True),
-    Option("sparsity-initial", 0.5, "Sparsity in round 1 when a ramp is configured (structured sparsity ramps in proportion).",
-           low=0.0, high=1.0, high_open=True),
+    Option("sparsity-initial", -1.0, "Sparsity in round 1 when a ramp is configured (structured sparsity ramps in "
+           "proportion); -1: same as sparsity.", low=-1.0, high=1.0, high_open=True),
     Option("sparsity-ramp-rounds", 0, "Rounds over which sparsity ramps linearly from sparsity-initial to sparsity (0: no ramp).", low=0),
     Option("regrowth", False, "Allow weights pruned in an earlier round to come back."),
     Option("min-output-density", 0.0, "Share of each fixed output's (classifier row's) remaining fan-in that the "
@@ -94,6 +94,20 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
 )
 
 
+SAME_AS_SPARSITY = -1.0
+"""Declared default of ``sparsity-initial``: Flower merges every declared default into the run config, so
+"not set" must be a value that means "no ramp start of its own" (the ramp then starts at ``sparsity``)."""
+
+
+def resolve_sparsity_initial(sparsity: float, sparsity_initial: float) -> float:
+    """The one place that turns the ``sparsity-initial`` sentinel into a sparsity."""
+    if sparsity_initial == SAME_AS_SPARSITY:
+        return sparsity
+    if sparsity_initial < 0:
+        raise ConfigError(f"sparsity-initial: {sparsity_initial!r} must be -1 (same as sparsity) or in [0, 1)")
+    return sparsity_initial
+
+
 @dataclass(frozen=True)
 class AutoFLIPConfig:
     """The strategy's settings; field ``x_y`` is run-config key ``x-y``."""
@@ -101,7 +115,7 @@ class AutoFLIPConfig:
     strategy: str = "autoflip"
     sparsity: float = 0.5
     structured_sparsity: float = 0.2
-    sparsity_initial: float = 0.5
+    sparsity_initial: float = -1.0  # SAME_AS_SPARSITY
     sparsity_ramp_rounds: int = 0
     regrowth: bool = False
     min_output_density: float = 0.0
@@ -127,6 +141,7 @@ class AutoFLIPConfig:
     def __post_init__(self) -> None:
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
         parse_options(values, STRATEGY_OPTIONS)
+        object.__setattr__(self, "sparsity_initial", resolve_sparsity_initial(self.sparsity, self.sparsity_initial))
         if self.sparsity_ramp_rounds > 0 and self.sparsity_initial > self.sparsity:
             raise ConfigError("sparsity-initial: must not exceed sparsity when a ramp is configured")
 
@@ -134,8 +149,6 @@ class AutoFLIPConfig:
     def from_run_config(cls, raw: Mapping[str, Any]) -> AutoFLIPConfig:
         """Pick and validate this strategy's keys out of a (larger) run config."""
         values = parse_options({k: v for k, v in raw.items() if k in _KEYS}, STRATEGY_OPTIONS)
-        if "sparsity-initial" not in raw:
-            values["sparsity-initial"] = values["sparsity"]
         return cls(**{k.replace("-", "_"): v for k, v in values.items()})
 
     @property

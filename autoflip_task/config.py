@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from autoflip_strategy.config import STRATEGY_OPTIONS, Option, parse_options
+from autoflip_strategy.config import (
+    STRATEGY_OPTIONS,
+    AutoFLIPConfig,
+    ConfigError,
+    Option,
+    parse_options,
+    resolve_sparsity_initial,
+)
 
 from .data import DATASETS, PARTITIONINGS
 from .models import MODELS
@@ -41,12 +48,51 @@ APP_OPTIONS: tuple[Option, ...] = (
 ALL_OPTIONS: tuple[Option, ...] = APP_OPTIONS + STRATEGY_OPTIONS
 
 
+NEUTRAL_KEYS = frozenset({"data-dir", "output-dir", "run-name", "resume", "device", "num-server-rounds",
+                          "max-eval-examples", "round-timeout", "max-failed-rounds"})
+"""Keys that do not change the trained model: where data and results live, where it trains (CUDA and CPU
+differ only in float rounding), how long the run goes on (a resume may extend it), how much of the test
+set is scored, how long the server waits or how many failed rounds it tolerates. A resume compares every
+other key."""
+
+
+def check_run_name(run_name: str) -> str:
+    """``run-name`` is one folder under ``output-dir``: never a path that leads elsewhere.
+
+    Why: the server writes results.json, checkpoint.pt and the final model under
+    ``output-dir/run-name``; ``../x`` or ``/x`` would write them outside ``output-dir``."""
+    name = run_name.strip()
+    if run_name and not name:
+        raise ConfigError(f"run-name: {run_name!r} is blank (leave it empty for a generated name)")
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"run-name: {run_name!r} must be a single folder name under output-dir "
+                          "(no '/', '\\', '..' or absolute path)")
+    return name
+
+
 def app_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated values for every key (defaults filled in); unknown keys are an error."""
+    """Validated values for every key (defaults filled in); unknown keys are an error.
+
+    Runs the strategy's own cross-key checks too, so everything that would stop the
+    ServerApp stops a launcher before it starts any process."""
     values = parse_options(dict(run_config), ALL_OPTIONS)
-    if "sparsity-initial" not in run_config:
-        values["sparsity-initial"] = values["sparsity"]
+    values["run-name"] = check_run_name(values["run-name"])
+    values["sparsity-initial"] = resolve_sparsity_initial(values["sparsity"], values["sparsity-initial"])
+    AutoFLIPConfig.from_run_config(values)
     return values
+
+
+def model_settings_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: was -> now`` for every key outside :data:`NEUTRAL_KEYS` whose value differs.
+
+    ``stored`` is a run's recorded config; a key it lacks was added later, so that run used
+    the key's default (the same rule as the strategy's checkpoint check)."""
+    defaults = app_config({})
+    old = {**defaults, **stored}
+    if "sparsity-initial" not in stored:  # recorded before the key existed: it started at the target
+        old["sparsity-initial"] = old["sparsity"]
+    return [f"{k}: {old[k]!r} -> {current[k]!r}" for k in sorted(current)
+            if k not in NEUTRAL_KEYS and k in old and old[k] != current[k]]
 
 
 def model_name(cfg: Mapping[str, Any]) -> str:
