@@ -20,6 +20,9 @@ from . import protocol as P
 from .codec import CodecError, Layout, decode_state
 
 
+MAX_TRAIN_SECONDS = 1e7  # ~4 months: any larger claimed training time is not plausible
+
+
 class RejectedReply(ValueError):
     """A client reply that must not reach the global model."""
 
@@ -52,6 +55,23 @@ def finite_metric(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
+def bounded_metric(metrics: MetricRecord, key: str, low: float, high: float) -> float:
+    """A finite metric (0 when absent) inside ``[low, high]``.
+
+    Why: a finite but absurd value (``train-seconds=-1e12``) would still poison
+    the round's cost accounting, so plausibility is checked as well.
+    """
+    value = finite_metric(metrics, key)
+    if not low <= value <= high:
+        raise RejectedReply(f"{key}={value!r} is outside [{low:g}, {high:g}]")
+    return value
+
+
+def train_seconds(metrics: MetricRecord) -> float:
+    """A reply's training time: finite, non-negative and below :data:`MAX_TRAIN_SECONDS`."""
+    return bounded_metric(metrics, P.TRAIN_SECONDS, 0.0, MAX_TRAIN_SECONDS)
+
+
 def validate_train_reply(content: RecordDict, layout: Layout, mask_version: int, transport: str,
                          max_examples: int, max_bytes: int) -> TrainReply:
     """Decode one training reply into the global layout, or raise :class:`RejectedReply`."""
@@ -65,8 +85,7 @@ def validate_train_reply(content: RecordDict, layout: Layout, mask_version: int,
         compact = decode_state(arrays, layout, transport, max_bytes)
     except CodecError as exc:
         raise RejectedReply(str(exc)) from None
-    return TrainReply(layout.to_global(compact), n, finite_metric(metrics, P.TRAIN_LOSS),
-                      finite_metric(metrics, P.TRAIN_SECONDS))
+    return TrainReply(layout.to_global(compact), n, finite_metric(metrics, P.TRAIN_LOSS), train_seconds(metrics))
 
 
 class WeightedAverage:

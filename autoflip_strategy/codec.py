@@ -10,10 +10,15 @@ benchmarks can show the sparse codec loses nothing.
 
 Every decoder validates names, dtypes, shapes/lengths, finiteness and (dense)
 zeros at pruned coordinates, and raises :class:`CodecError` on any violation.
+Bytes become arrays only through :func:`_read_npy`: a strict ``.npy`` parser
+(no zip archives, no pickles, no trailing bytes), behind an optional per-array
+byte cap (``max_bytes``) that every decoder accepts.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,6 +32,12 @@ from .structure import ModelStructure, kept_entries, scatter, select
 
 TRANSPORTS = ("sparse", "dense")
 ARRAY_HEADER_BYTES = 128  # np.save header of one Flower Array
+NPY_STYPE = "numpy.ndarray"  # the only serialisation type the decoders read
+NPY_MAX_HEADER_BYTES = 1024  # our headers are 128 bytes; numpy's own cap is 10 000
+NO_LIMIT = 2**62
+# float16 guidance scales: large enough for any real guidance, small enough that
+# the largest float16 (65504) times the scale is still a finite float32
+MAX_GUIDANCE_SCALE = float(np.finfo(np.float32).max) / float(np.finfo(np.float16).max) / 2
 
 
 class CodecError(ValueError):
@@ -90,22 +101,61 @@ def _array(values: torch.Tensor | np.ndarray) -> Array:
     return Array(np.ascontiguousarray(arr))
 
 
+def _read_npy(data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Parse one ``.npy`` body without ``np.load``.
+
+    Why: ``np.load`` also opens zip archives (``np.savez`` bodies) and object
+    arrays, and ignores trailing bytes. Here only a version 1.0/2.0 header with
+    exactly the expected dtype (byte order included) and shape is accepted, the
+    body must be exactly ``itemsize * count`` bytes, and the values are copied
+    out of the buffer with ``np.frombuffer`` (never unpickled).
+    """
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(buffer, max_header_size=NPY_MAX_HEADER_BYTES)
+        elif version == (2, 0):
+            header = np.lib.format.read_array_header_2_0(buffer, max_header_size=NPY_MAX_HEADER_BYTES)
+        else:
+            raise CodecError(f"unsupported .npy version {version}")
+    except CodecError:
+        raise
+    except Exception as exc:  # bad magic (zip, pickle, garbage) or a malformed header
+        raise CodecError(f"not a .npy array ({type(exc).__name__}: {exc})") from None
+    got_shape, fortran, got_dtype = header
+    if got_dtype != dtype or got_dtype.hasobject:
+        raise CodecError(f"buffer holds dtype {got_dtype.str}, expected {dtype.str}")
+    if tuple(got_shape) != tuple(shape):
+        raise CodecError(f"buffer holds shape {list(got_shape)}, expected {list(shape)}")
+    count = math.prod(shape)
+    body = len(data) - buffer.tell()
+    if body != count * dtype.itemsize:
+        raise CodecError(f"body of {body} bytes, expected {count * dtype.itemsize} (truncated or trailing bytes)")
+    if count == 0:
+        return np.empty(shape, dtype=dtype)
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
+    return np.array(flat.reshape(shape, order="F" if fortran else "C"), order="C")
+
+
 def _take(record: ArrayRecord, name: str, dtype: str, shape: tuple[int, ...], limit: int) -> np.ndarray:
-    """One validated array from a record."""
+    """One validated array from a record: a fresh, writable ndarray of exactly ``dtype[shape]``."""
     try:
         array = record[name]
     except KeyError:
         raise CodecError(f"missing tensor {name!r}") from None
+    if not isinstance(array, Array) or not isinstance(array.data, bytes):
+        raise CodecError(f"{name!r}: not an array with a byte buffer")
     if len(array.data) > limit:
         raise CodecError(f"{name!r}: payload of {len(array.data)} bytes exceeds {limit}")
-    if array.dtype != dtype or tuple(array.shape) != tuple(shape):
-        raise CodecError(f"{name!r}: expected {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
+    if array.stype != NPY_STYPE:
+        raise CodecError(f"{name!r}: serialisation type {array.stype!r}, expected {NPY_STYPE!r}")
+    if array.dtype != dtype or not isinstance(array.shape, (tuple, list)) or tuple(array.shape) != tuple(shape):
+        raise CodecError(f"{name!r}: expected {dtype}{list(shape)}, got {array.dtype}{array.shape!r}")
     try:
-        value = array.numpy()
-    except Exception as exc:  # a corrupted buffer
-        raise CodecError(f"{name!r}: unreadable array ({exc})") from None
-    if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
-        raise CodecError(f"{name!r}: buffer holds {value.dtype}{list(value.shape)}, header says otherwise")
+        value = _read_npy(array.data, np.dtype(dtype), tuple(shape))
+    except CodecError as exc:
+        raise CodecError(f"{name!r}: {exc}") from None
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         raise CodecError(f"{name!r}: contains NaN or Inf")
     return value
@@ -139,13 +189,13 @@ def decode_state(record: ArrayRecord, layout: Layout, transport: str = "sparse",
     """Validate and deserialise a state from the wire into the compact layout."""
     structure = layout.structure
     _check_names(record, set(structure.shapes), "model payload")
-    limit = max_bytes if max_bytes is not None else 2**62
+    limit = max_bytes if max_bytes is not None else NO_LIMIT
     prunable = set(structure.prunable)
     global_masks = layout.tensor_masks if transport == "dense" else {}
     out: dict[str, torch.Tensor] = {}
     for name, shape in structure.shapes.items():
         if transport == "dense":
-            value = torch.from_numpy(_take(record, name, "float32", shape, limit).copy())
+            value = torch.from_numpy(_take(record, name, "float32", shape, limit))
             mask = global_masks.get(name)
             if mask is not None and bool((value[~mask] != 0).any()):
                 raise CodecError(f"{name!r}: non-zero values at pruned coordinates")
@@ -154,10 +204,10 @@ def decode_state(record: ArrayRecord, layout: Layout, transport: str = "sparse",
             cmask = layout.compact_masks[name]
             values = _take(record, name, "float32", (int(cmask.sum()),), limit)
             full = torch.zeros(cmask.shape, dtype=torch.float32)
-            full[cmask] = torch.from_numpy(values.copy())
+            full[cmask] = torch.from_numpy(values)
             out[name] = full
         else:
-            out[name] = torch.from_numpy(_take(record, name, "float32", layout.compact_shapes[name], limit).copy())
+            out[name] = torch.from_numpy(_take(record, name, "float32", layout.compact_shapes[name], limit))
     return out
 
 
@@ -174,18 +224,27 @@ def encode_mask(layout: Layout, transport: str = "sparse") -> ArrayRecord:
     return ArrayRecord(array_dict=arrays)
 
 
-def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str = "sparse") -> HybridMask:
+def _unpack(packed: np.ndarray, n: int, key: str) -> np.ndarray:
+    """The first ``n`` bits of a ``numpy.packbits`` bitmap; the padding bits must be zero."""
+    bits = np.unpackbits(packed)
+    if bits[n:].any():
+        raise CodecError(f"{key!r}: padding bits after the {n} mask bits must be zero")
+    return bits[:n]
+
+
+def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str = "sparse",
+                max_bytes: int | None = None) -> HybridMask:
     """Validate and rebuild a global-layout :class:`HybridMask` from the wire."""
+    limit = max_bytes if max_bytes is not None else NO_LIMIT
     expected = {f"units/{g.name}" for g in structure.groups} | {f"weights/{n}" for n in structure.prunable}
     _check_names(record, expected, "mask payload")
     units = {}
     for g in structure.groups:
         key = f"units/{g.name}"
         if transport == "dense":
-            bits = _take(record, key, "uint8", (g.size,), 2**62)
+            bits = _take(record, key, "uint8", (g.size,), limit)
         else:
-            packed = _take(record, key, "uint8", ((g.size + 7) // 8,), 2**62)
-            bits = np.unpackbits(packed)[: g.size]
+            bits = _unpack(_take(record, key, "uint8", ((g.size + 7) // 8,), limit), g.size, key)
         if bits.max(initial=0) > 1:
             raise CodecError(f"{key!r}: mask values must be 0 or 1")
         units[g.name] = torch.from_numpy(bits.astype(bool))
@@ -196,7 +255,7 @@ def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str =
     for name in structure.prunable:
         key, shape = f"weights/{name}", structure.shapes[name]
         if transport == "dense":
-            bits = _take(record, key, "uint8", shape, 2**62)
+            bits = _take(record, key, "uint8", shape, limit)
             if bits.max(initial=0) > 1:
                 raise CodecError(f"{key!r}: mask values must be 0 or 1")
             weights[name] = torch.from_numpy(bits.astype(bool))
@@ -204,8 +263,8 @@ def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str =
         dims = kept.get(name, (None,) * len(shape))
         cshape = tuple(s if d is None else len(d) for s, d in zip(shape, dims))
         n = int(np.prod(cshape))
-        packed = _take(record, key, "uint8", ((n + 7) // 8,), 2**62)
-        compact = torch.from_numpy(np.unpackbits(packed)[:n].astype(bool)).reshape(cshape)
+        packed = _take(record, key, "uint8", ((n + 7) // 8,), limit)
+        compact = torch.from_numpy(_unpack(packed, n, key).astype(bool)).reshape(cshape)
         weights[name] = scatter(compact, dims, shape) if name in kept else compact
     mask = HybridMask(units, weights)
     # a dense mask must not keep weights of removed units
@@ -230,8 +289,18 @@ def encode_guidance(matrix: Mapping[str, torch.Tensor], precision: str) -> Array
     return ArrayRecord(array_dict=arrays)
 
 
-def decode_guidance(record: ArrayRecord, structure: ModelStructure, precision: str) -> dict[str, torch.Tensor]:
+def _guidance_scale(record: ArrayRecord, name: str, limit: int) -> float:
+    """A float16 tensor's scale: finite, positive and at most :data:`MAX_GUIDANCE_SCALE`."""
+    scale = float(_take(record, name, "float32", (1,), limit)[0])
+    if not 0 < scale <= MAX_GUIDANCE_SCALE:
+        raise CodecError(f"{name!r}: scale {scale!r} is outside (0, {MAX_GUIDANCE_SCALE:.3g}]")
+    return scale
+
+
+def decode_guidance(record: ArrayRecord, structure: ModelStructure, precision: str,
+                    max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Validate and decode one explorer's guidance matrix (non-negative, finite, right shapes)."""
+    limit = max_bytes if max_bytes is not None else NO_LIMIT
     names = set(structure.prunable)
     if precision == "float16":
         names |= {f"scale/{n}" for n in structure.prunable}
@@ -240,10 +309,12 @@ def decode_guidance(record: ArrayRecord, structure: ModelStructure, precision: s
     for name in structure.prunable:
         shape = structure.shapes[name]
         if precision == "float16":
-            values = _take(record, name, "float16", shape, 2**62).astype(np.float32)
-            values = values * _take(record, f"scale/{name}", "float32", (1,), 2**62)[0]
+            values = _take(record, name, "float16", shape, limit).astype(np.float32)
+            values *= np.float32(_guidance_scale(record, f"scale/{name}", limit))
+            if not np.isfinite(values).all():  # cannot happen under the scale bound; kept as the invariant
+                raise CodecError(f"{name!r}: value times scale is not finite")
         else:
-            values = _take(record, name, "float32", shape, 2**62)
+            values = _take(record, name, "float32", shape, limit)
         if (values < 0).any():
             raise CodecError(f"{name!r}: guidance must be non-negative")
         out[name] = torch.from_numpy(np.ascontiguousarray(values))

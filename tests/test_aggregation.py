@@ -3,7 +3,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from autoflip_strategy import protocol as P
-from autoflip_strategy.aggregation import RejectedReply, WeightedAverage, validate_train_reply
+from autoflip_strategy.aggregation import (MAX_TRAIN_SECONDS, RejectedReply, WeightedAverage, bounded_metric,
+                                           train_seconds, validate_train_reply)
 from autoflip_strategy.codec import Layout, encode_state
 from autoflip_strategy.masks import compute_hybrid_mask
 from autoflip_strategy.structure import discover_structure
@@ -71,3 +72,26 @@ def test_weighted_average():
     assert torch.allclose(avg.result()["w"], torch.tensor([2.5, 3.0]))
     with pytest.raises(ValueError):
         WeightedAverage().result()
+
+
+@pytest.mark.parametrize("metrics,reason", [
+    ({P.TRAIN_SECONDS: -1e12}, P.TRAIN_SECONDS),
+    ({P.TRAIN_SECONDS: -0.5}, P.TRAIN_SECONDS),
+    ({P.TRAIN_SECONDS: 1e12}, P.TRAIN_SECONDS),
+    ({P.TRAIN_SECONDS: float("inf")}, P.TRAIN_SECONDS),
+    ({P.TRAIN_SECONDS: float("nan")}, P.TRAIN_SECONDS),
+    ({P.TRAIN_LOSS: float("inf")}, P.TRAIN_LOSS),
+    ({P.TRAIN_LOSS: float("-inf")}, P.TRAIN_LOSS),
+])
+def test_implausible_metrics_are_rejected_naming_the_key(layout, metrics, reason):
+    lay, compact = layout
+    with pytest.raises(RejectedReply, match=reason):
+        check(lay, reply(lay, compact, **metrics))
+
+
+def test_train_seconds_bounds():
+    assert train_seconds(MetricRecord({})) == 0.0
+    assert train_seconds(MetricRecord({P.TRAIN_SECONDS: MAX_TRAIN_SECONDS})) == MAX_TRAIN_SECONDS
+    with pytest.raises(RejectedReply, match="outside"):
+        train_seconds(MetricRecord({P.TRAIN_SECONDS: MAX_TRAIN_SECONDS * 1.01}))
+    assert bounded_metric(MetricRecord({"x": -2.0}), "x", -3.0, 0.0) == -2.0

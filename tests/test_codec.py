@@ -1,5 +1,8 @@
 """Round trips and fuzz-style checks of the transport codec."""
 
+import io
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +147,97 @@ def test_guidance_codec(precision):
         decode_guidance(encode_guidance(negative, "float32"), s, "float32")
     with pytest.raises(CodecError):
         decode_guidance(encode_guidance(matrix, "float32"), s, "float16")
+
+
+# --- attacks on the byte level (issue 17): metadata is right, the buffer is not -------------------
+
+def _forged(like: Array, data: bytes) -> Array:
+    """An Array whose metadata copies ``like`` but whose bytes are ``data``."""
+    return Array(dtype=like.dtype, shape=tuple(like.shape), stype=like.stype, data=data)
+
+
+def _npz(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, value)
+    return buffer.getvalue()
+
+
+def _pickled(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value.astype(object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _payloads():
+    """Every reply kind with its decoder and the tensor to attack."""
+    s, layout, compact = setup("cnn")
+    matrix = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    for transport in ("sparse", "dense"):
+        yield (f"state-{transport}", encode_state(compact, layout, transport), "fc1.weight",
+               lambda r, t=transport: decode_state(r, layout, t))
+        yield (f"mask-{transport}", encode_mask(layout, transport), "weights/fc1.weight",
+               lambda r, t=transport: decode_mask(r, s, t))
+    for precision in ("float32", "float16"):
+        yield (f"guidance-{precision}", encode_guidance(matrix, precision), "fc1.weight",
+               lambda r, p=precision: decode_guidance(r, s, p))
+
+
+@pytest.mark.parametrize("body", ["npz", "pickle", "trailing", "raw-pickle"])
+def test_every_decoder_rejects_non_npy_bodies_behind_correct_metadata(body):
+    for kind, record, name, decode in _payloads():
+        good = record[name]
+        data = {"npz": lambda: _npz(good.numpy()), "pickle": lambda: _pickled(good.numpy()),
+                "trailing": lambda: good.data + b"\0" * 8,
+                "raw-pickle": lambda: pickle.dumps(good.numpy())}[body]()
+        bad = ArrayRecord(array_dict={**{k: record[k] for k in record.keys()}, name: _forged(good, data)})
+        with pytest.raises(CodecError, match=f"{name}.*(not a .npy array|dtype|trailing)"):
+            decode(bad)
+            pytest.fail(f"{kind}: {body} body accepted")
+
+
+def test_fortran_order_npy_is_read_in_its_own_order():
+    s, _, _ = setup("cnn")
+    matrix = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    transposed = {n: t.t().contiguous().t() if t.dim() == 2 else t for n, t in matrix.items()}
+    back = decode_guidance(encode_guidance(transposed, "float32"), s, "float32")
+    assert all(torch.equal(back[n], matrix[n]) for n in s.prunable)
+
+
+def test_float16_guidance_whose_product_overflows_is_rejected():
+    s, _, _ = setup("cnn")
+    matrix = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    record = encode_guidance(matrix, "float16")
+    arrays = {k: record[k] for k in record.keys()}
+    arrays["fc1.weight"] = Array(np.full(s.shapes["fc1.weight"], 2.0, dtype=np.float16))
+    arrays["scale/fc1.weight"] = Array(np.array([3e38], dtype=np.float32))
+    with pytest.raises(CodecError, match="scale/fc1.weight.*scale"):
+        decode_guidance(ArrayRecord(array_dict=arrays), s, "float16")
+    for scale in (0.0, -1.0, np.inf, np.nan):
+        arrays["scale/fc1.weight"] = Array(np.array([scale], dtype=np.float32))
+        with pytest.raises(CodecError, match="scale/fc1.weight"):
+            decode_guidance(ArrayRecord(array_dict=arrays), s, "float16")
+
+
+@pytest.mark.parametrize("kind", ["mask-sparse", "mask-dense", "guidance-float32", "guidance-float16"])
+def test_mask_and_guidance_decoders_enforce_the_payload_limit(kind):
+    s, _, _ = setup("cnn")
+    record = {k: r for k, r, _, _ in _payloads()}[kind]
+    decode = decode_mask if kind.startswith("mask") else decode_guidance
+    largest = max(len(record[k].data) for k in record.keys())
+    decode(record, s, kind.split("-")[1], max_bytes=largest)
+    with pytest.raises(CodecError, match="exceeds"):
+        decode(record, s, kind.split("-")[1], max_bytes=largest - 1)
+
+
+def test_sparse_mask_with_set_padding_bits_is_rejected():
+    s, layout, _ = setup("resnet")
+    record = encode_mask(layout)
+    sizes = {f"units/{g.name}": g.size for g in s.groups}
+    sizes |= {f"weights/{n}": int(layout.compact_masks[n].numel()) for n in s.prunable}
+    padded = [k for k, n in sizes.items() if n % 8]
+    assert padded, "the test needs a bitmap with padding bits"
+    for key in padded:
+        packed = record[key].numpy().copy()
+        packed[-1] |= 1
+        with pytest.raises(CodecError, match="padding"):
+            decode_mask(_replace(record, key, packed), s)
