@@ -385,15 +385,28 @@ class AutoFLIP(Strategy):
         }
 
     def load_checkpoint_state(self, payload: Mapping[str, Any]) -> int:
-        """Restore :meth:`checkpoint_state`; returns the last completed round."""
+        """Restore :meth:`checkpoint_state`; returns the last completed round.
+
+        Refuses (one :class:`CheckpointError`, a ValueError, listing every difference) a checkpoint
+        written under other settings or for a model with other tensor names or shapes."""
+        from .checkpoint import CheckpointError
+
+        lacks = sorted({"round", "config", "state", "mask_units", "mask_weights", "mask_version", "scores",
+                        "history"} - set(payload))
+        if lacks:
+            raise CheckpointError(f"checkpoint lacks {lacks}: not written by this strategy")
         saved, mine = json.loads(payload["config"]), asdict(self.config)
         # An option the checkpoint lacks did not exist when it was written: that run used its default.
         saved = {**asdict(type(self.config)()), **saved}
-        differs = sorted(k for k in mine if k != "round_timeout" and saved.get(k) != mine[k])
+        differs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in sorted(mine)
+                   if k != "round_timeout" and saved.get(k) != mine[k]]
+        state, shapes = payload["state"], self.structure.shapes
+        differs += [f"tensor {n}: only in the checkpoint" for n in sorted(set(state) - set(shapes))]
+        differs += [f"tensor {n}: not in the checkpoint" for n in sorted(set(shapes) - set(state))]
+        differs += [f"tensor {n}: shape {tuple(state[n].shape)} -> {tuple(shapes[n])}" for n in sorted(shapes)
+                    if n in state and tuple(state[n].shape) != tuple(shapes[n])]
         if differs:
-            raise ValueError(f"checkpoint was written with other settings for {differs}")
-        if set(payload["state"]) != set(self.structure.shapes):
-            raise ValueError("checkpoint does not match the model's tensors")
+            raise CheckpointError("checkpoint does not fit this run (checkpoint -> now): " + "; ".join(differs))
         self.state = {n: t.float() for n, t in payload["state"].items()}
         self.mask = HybridMask(dict(payload["mask_units"]), dict(payload["mask_weights"]))
         self.mask_version = int(payload["mask_version"])
