@@ -9,7 +9,7 @@ accepts, and the README table can be checked against the same list.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -84,12 +84,19 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
     Option("min-train-replies", 1, "Minimum valid replies for a round to update the model (else it keeps the old one).", low=1),
     Option("fraction-evaluate", 0.0, "Fraction of clients that evaluate the global model on their data each round (0: central only).",
            low=0.0, high=1.0),
+    Option("min-evaluate-nodes", 2, "Minimum clients sampled for client-side evaluation (when fraction-evaluate > 0).", low=1),
     Option("min-available-nodes", 2, "Wait for this many connected clients before starting.", low=1),
     Option("transport", "sparse", "Wire format: kept values + bitmaps (sparse) or masked dense tensors (dense, for checks).",
            choices=("sparse", "dense")),
     Option("max-examples", 10_000_000, "Replies claiming more examples than this are rejected.", low=1),
     Option("max-payload-mb", 512.0, "Replies with an array larger than this are rejected.", low=0.0),
+    Option("max-failed-rounds", 3, "Stop the run as failed after this many rounds in a row with no accepted "
+           "client reply (the reason names the most common client error).", low=1),
     Option("round-timeout", 3600.0, "Seconds to wait for replies in each stage.", low=0.0),
+    Option("handshake-timeout", 60.0, "Seconds to wait for the partition-id handshake (capped by round-timeout); "
+           "nodes that do not answer are absent, not sampled until they reply again.", low=0.0),
+    Option("handshake-max-nodes", 1000, "Ask every node for its partition id up front while at most this many are "
+           "connected (sampling by partition id in every run); above it, only sampled nodes are asked.", low=0),
     Option("seed", 0, "Seed for client sampling, random masks and client training.", low=0),
 )
 
@@ -131,11 +138,15 @@ class AutoFLIPConfig:
     min_train_nodes: int = 2
     min_train_replies: int = 1
     fraction_evaluate: float = 0.0
+    min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     transport: str = "sparse"
     max_examples: int = 10_000_000
     max_payload_mb: float = 512.0
+    max_failed_rounds: int = 3
     round_timeout: float = 3600.0
+    handshake_timeout: float = 60.0
+    handshake_max_nodes: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,3 +168,34 @@ class AutoFLIPConfig:
 
 
 _KEYS = {o.key for o in STRATEGY_OPTIONS}
+
+FEDAVG_DEFAULTS: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 2,
+                                   "min_evaluate_nodes": 2, "min_available_nodes": 2}
+"""What ``FedAvg()`` uses: an :class:`~.strategy.AutoFLIP` built without ``config`` samples like FedAvg."""
+
+RESUME_NEUTRAL = frozenset({"round_timeout", "max_failed_rounds", "handshake_timeout"})
+"""Settings a resumed run may change: they decide when to give up, not what the model becomes."""
+
+
+def resolve_config(base: AutoFLIPConfig | None, run_config: Mapping[str, Any] | None,
+                   explicit: Mapping[str, Any]) -> AutoFLIPConfig:
+    """The strategy's settings under the one precedence (later wins).
+
+    1. defaults: FedAvg's for FedAvg's arguments (:data:`FEDAVG_DEFAULTS`), AutoFLIPConfig's for the rest;
+    2. ``base``: an :class:`AutoFLIPConfig` given as ``config`` (all of its fields);
+    3. ``run_config``: the keys of the app's run config that are AutoFLIP options (``fraction-train``, ...);
+    4. ``explicit``: keyword arguments (``fraction_train=...``, ``sparsity=...``).
+    """
+    names = {f.name for f in fields(AutoFLIPConfig)}
+    unknown = sorted(set(explicit) - names)
+    if unknown:
+        raise TypeError(f"AutoFLIP got unknown settings {unknown}; known: {sorted(names)}")
+    values = asdict(base) if base is not None else {**asdict(AutoFLIPConfig()), **FEDAVG_DEFAULTS}
+    if base is not None and base.sparsity_initial == base.sparsity:
+        values["sparsity_initial"] = SAME_AS_SPARSITY  # a ramp start that followed sparsity keeps following it
+    picked = parse_options({k: v for k, v in (run_config or {}).items() if k in _KEYS}, STRATEGY_OPTIONS, strict=True)
+    given = {k.replace("-", "_"): picked[k] for k in (run_config or {}) if k in _KEYS}
+    values.update(given)
+    values.update(explicit)
+    return AutoFLIPConfig(**values)
+
