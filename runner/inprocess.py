@@ -52,6 +52,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 Fault = Callable[[int, Message, Message | None], Message | None]
 
 
+class InProcessRunError(RuntimeError):
+    """The in-process run did not complete (the message gives the results file's status and reason)."""
+
+
 def _over_the_wire(msg: Message) -> tuple[Message, int]:
     """The message as the receiver would parse it from Flower's protobuf bytes, and their count."""
     data = message_to_proto(msg).SerializeToString()
@@ -146,23 +150,35 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
 
     Follows ``runner.simulation``'s convention: ``output-dir`` is set to ``output_dir`` and the
     run must end with a ``<output_dir>/<run folder>/results.json`` whose status is ``completed``.
+    The run config is checked as ``runner.simulation`` checks it (:func:`check_run_config`) before
+    the ServerApp starts. Raises :class:`InProcessRunError` when the run did not complete; it
+    carries the results file's reason when the ServerApp recorded one, and the ServerApp's
+    exception as ``__cause__``.
     """
-    from runner.simulation import OUTPUT_DIR_KEY, RESULTS_PATTERN, find_results, load_results
+    from runner.simulation import (OUTPUT_DIR_KEY, RESULTS_PATTERN, check_run_config, find_results,
+                                   not_completed, resolve_path_keys)
 
     server, client, defaults = load_app(app_dir)
     output_dir = Path(output_dir).resolve()
+    overrides = resolve_path_keys({**run_config, OUTPUT_DIR_KEY: str(output_dir)}, Path.cwd())
+    check_run_config(overrides, app_dir, num_nodes)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config = {**defaults, **run_config, OUTPUT_DIR_KEY: str(output_dir)}
+    config = {**defaults, **overrides}
     grid = InProcessGrid(client, num_nodes, config, wire=wire)
     before = find_results(output_dir, RESULTS_PATTERN)
-    server(grid, Context(1, 0, {}, RecordDict(), config))
+    error: Exception | None = None
+    try:
+        server(grid, Context(1, 0, {}, RecordDict(), config))
+    except Exception as exc:  # the ServerApp failed: report its recorded reason, else the exception
+        error = exc
     written = [p for p, mtime in find_results(output_dir, RESULTS_PATTERN).items() if before.get(p) != mtime]
     if not written:
-        raise RuntimeError(f"the ServerApp wrote no {RESULTS_PATTERN} under {output_dir}")
+        what = f"{type(error).__name__}: {error}" if error is not None else f"it wrote no {RESULTS_PATTERN}"
+        raise InProcessRunError(f"the ServerApp failed before writing results under {output_dir}: {what}") from error
     path = max(written, key=lambda p: p.stat().st_mtime_ns)
-    status = load_results(path).get("status")
-    if status != "completed":
-        raise RuntimeError(f"{path}: status {status!r}, not 'completed'")
+    why = not_completed(path, None)
+    if why is not None or error is not None:
+        raise InProcessRunError(why or f"{path}: {type(error).__name__}: {error}") from error
     if wire:  # what Flower's serialisation put on the (virtual) wire, beside the app's own accounting
         (path.parent / "wire_bytes.json").write_text(json.dumps(grid.wire_bytes))
     return path
@@ -179,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = parse_override_args(parser, args.run_config)
     start = time.time()
-    path = run_inprocess(overrides, args.num_nodes, output_dir=args.output_dir)
+    try:
+        path = run_inprocess(overrides, args.num_nodes, output_dir=args.output_dir)
+    except (InProcessRunError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"results: {path} ({time.time() - start:.0f}s)")
     print(summarise(load_results(path)))
     return 0

@@ -80,6 +80,15 @@ QUIET_ENV = {
 }
 SUPERLINK_START_TIMEOUT = 60.0
 STATUS_POLL_INTERVAL = 1.0
+FINAL_GRACE = 30.0
+"""Seconds the launcher still waits for Flower to report the run finished once the ServerApp wrote
+its final record (``status`` completed or failed); then it stops the run's processes anyway
+(``flwr-simulation`` can hang in Ray's shutdown after the ServerApp returned)."""
+FINAL_STATUSES = ("completed", "failed")
+PATH_KEYS = ("data-dir", OUTPUT_DIR_KEY)
+"""Run-config keys that name folders: resolved against the caller's working directory, since the
+ServerApp runs in a folder of Flower's own."""
+MIN_NODES_KEY = "min-available-nodes"
 TAIL_LINES = 60
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -179,6 +188,84 @@ def app_config_keys(app_dir: Path) -> set[str]:
 
 def load_results(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The app's declared run config (``[tool.flwr.app.config]``), which Flower merges under the overrides."""
+    with (Path(app_dir) / "pyproject.toml").open("rb") as f:
+        return dict(tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def resolve_path_keys(overrides: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
+    """Relative folder values (``data-dir``, ``output-dir``) made absolute against ``cwd``.
+
+    Why: ``flwr run`` starts the ServerApp and ClientApps in Flower's own folders, where
+    ``data-dir='../shared/data/mnist'`` points nowhere; the user meant their working directory."""
+    out = dict(overrides)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            out[key] = str((Path(cwd) / value).resolve())
+        elif isinstance(value, str) and value.startswith("~"):
+            out[key] = str(Path(value).expanduser())
+    return out
+
+
+def check_run_config(overrides: Mapping[str, Any], app_dir: Path, num_nodes: int) -> None:
+    """Everything about a run config that can be refused before any process starts (ValueError).
+
+    Names unknown keys (Flower's own error is a bare "Invalid run configuration"); refuses a
+    federation smaller than ``min-available-nodes`` (the ServerApp would wait silently until
+    its round timeout); for the reference app, parses the whole config as the ServerApp
+    will (values, ranges, cross-key rules), so a bad value fails in seconds, not after the
+    SuperLink and Ray started."""
+    defaults = app_defaults(app_dir)
+    unknown = sorted(set(overrides) - set(app_config_keys(app_dir)))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown} for the app in {app_dir}; "
+                         f"its keys are {sorted(app_config_keys(app_dir))}")
+    for value in overrides.values():
+        toml_value(value)  # a TypeError now rather than after the SuperLink started
+    merged = {**defaults, **overrides}
+    if Path(app_dir).resolve() == REPO_ROOT:
+        from autoflip_task.config import app_config  # imports torch: only for the reference app
+
+        app_config(merged)
+    need = merged.get(MIN_NODES_KEY)
+    if isinstance(need, int) and not isinstance(need, bool) and need > num_nodes:
+        raise ValueError(f"{MIN_NODES_KEY}={need} but the federation has only {num_nodes} node(s): the run would "
+                         f"wait for nodes that never come; use at least {need} nodes or set {MIN_NODES_KEY}<={num_nodes}")
+
+
+def run_outcome(path: Path) -> tuple[str | None, str | None]:
+    """(status, reason) of a results file; status ``unreadable (...)`` when it cannot be parsed."""
+    try:
+        results = load_results(path)
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})", None
+    return results.get("status"), results.get("reason")
+
+
+def final_record(output_dir: Path, before: Mapping[Path, int], lines: Iterable[str],
+                 pattern: str = RESULTS_PATTERN) -> Path | None:
+    """This run's results file once its ServerApp wrote a final status (completed or failed), else None."""
+    new = [p for p, mtime in find_results(output_dir, pattern).items() if before.get(p) != mtime]
+    text = list(lines)
+    mentioned = [p for p in new if any(str(p) in line for line in text)]
+    candidates = mentioned or new
+    if len(candidates) != 1:
+        return None
+    return candidates[0] if run_outcome(candidates[0])[0] in FINAL_STATUSES else None
+
+
+def not_completed(path: Path, flower_status: str | None) -> str | None:
+    """Why a results file does not show a completed run (its status and reason), or None."""
+    status, reason = run_outcome(path)
+    if status == "completed":
+        return None
+    why = f": {reason}" if reason else ""
+    flower = f" (Flower run status {flower_status!r})" if flower_status else ""
+    return f"{path} has status {status!r}, not 'completed'{why}{flower}"
 
 
 def summarise(results: Mapping[str, Any]) -> str:
@@ -384,15 +471,13 @@ def run_simulation(
     if not (app_dir / "pyproject.toml").is_file():
         raise SimulationError(f"{app_dir} is not a Flower app (no pyproject.toml)")
     output_dir = Path(output_dir).resolve()
-    overrides = {**run_config, OUTPUT_DIR_KEY: str(output_dir)}
-    # Flower rejects unknown keys with a bare "Invalid run configuration": name them up front.
-    known = app_config_keys(app_dir)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise SimulationError(f"unknown run-config key(s) {unknown} for the app in {app_dir}; "
-                              f"its keys are {sorted(known)}")
-    for value in overrides.values():
-        toml_value(value)  # a TypeError now rather than after the SuperLink started
+    overrides = resolve_path_keys({**run_config, OUTPUT_DIR_KEY: str(output_dir)}, Path.cwd())
+    try:
+        check_run_config(overrides, app_dir, num_supernodes)
+    except TypeError:
+        raise
+    except ValueError as exc:
+        raise SimulationError(f"{exc} (nothing was started)") from None
     fed_config = federation_config(num_supernodes, client_cpus, extra_federation_config)
     output_dir.mkdir(parents=True, exist_ok=True)
     before = find_results(output_dir, results_pattern)
@@ -430,14 +515,21 @@ def run_simulation(
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        try:
-            rc = cli.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            rc = None
-        reader.join(timeout=5)
+        final_at: float | None = None  # when the ServerApp's final record appeared
+
+        def past_grace() -> bool:
+            nonlocal final_at
+            if final_at is None and final_record(output_dir, before, list(lines), results_pattern) is not None:
+                final_at = time.monotonic()
+            return final_at is not None and time.monotonic() - final_at > FINAL_GRACE
+
+        rc = None
+        while (rc := cli.poll()) is None and time.monotonic() < deadline and not past_grace():
+            time.sleep(STATUS_POLL_INTERVAL)
+        reader.join(timeout=5 if rc is not None else 0.1)
         log.debug("%.1fs: `flwr run` exited with %s", time.monotonic() - start, rc)
-        run_id = next((m.group(1) for line in lines if (m := _RUN_ID.search(line))), None)
-        if rc is None:
+        run_id = next((m.group(1) for line in list(lines) if (m := _RUN_ID.search(line))), None)
+        if rc is None and not past_grace():
             failure = f"timed out after {timeout:.0f} s"
         elif run_id is None:
             failure = f"`flwr run` exited with code {rc} without starting a run"
@@ -445,6 +537,10 @@ def run_simulation(
             # The log stream can end before the run does: wait for Flower's final status.
             while (info := session.run_status(run_id)) is None or not str(info.get("status", "")).startswith(
                     "finished"):
+                if past_grace():
+                    log.warning("run %s: Flower did not report it finished within %.0f s of the ServerApp's "
+                                "final record; stopping its processes", run_id, FINAL_GRACE)
+                    break
                 if time.monotonic() > deadline:
                     failure = f"timed out after {timeout:.0f} s (run status {info and info.get('status')})"
                     break
@@ -463,19 +559,17 @@ def run_simulation(
         new = sorted(p for p, mtime in find_results(output_dir, results_pattern).items() if before.get(p) != mtime)
         mentioned = [p for p in new if any(str(p) in line for line in lines)]
         candidates = mentioned or new
-        if status and status != "finished:completed":
+        if len(candidates) == 1 and (why := not_completed(candidates[0], status)) is not None \
+                and run_outcome(candidates[0])[0] == "failed":
+            failure = why  # the ServerApp's own reason comes first
+        elif status and str(status).startswith("finished") and status != "finished:completed":
             failure = f"run {run_id} ended with status {status!r} ({info.get('status-details') if info else ''})"
         elif len(candidates) != 1:
             failure = (f"expected one new or updated results file matching {results_pattern!r} under {output_dir}, "
                        f"found {[str(p) for p in candidates]}")
         else:
             results = candidates[0]
-            try:
-                app_status = load_results(results).get("status")
-            except (OSError, ValueError) as exc:
-                app_status = f"unreadable ({exc})"
-            if app_status != "completed":
-                failure = f"{results} has status {app_status!r}, not 'completed' (Flower run status {status!r})"
+            failure = not_completed(results, status)
     if failure is not None or results is None:
         raise SimulationError(
             f"Flower run {run_id or '?'} of {app_dir} failed: {failure}\n"

@@ -1,8 +1,14 @@
 """The reference ServerApp: builds θ₀ and the AutoFLIP strategy, evaluates centrally, writes results.
 
-Each run writes ``<output-dir>/<run-name>/results.json`` and ``checkpoint.pt``
-after every stage (atomically), so a killed run leaves what it learned and
-``resume=true`` continues it.
+Each run writes ``<output-dir>/<run-name>/results.json`` before it starts (its
+``config`` is then the record of the run's settings) and again, with
+``checkpoint.pt``, after every stage (atomically), so a killed run leaves what
+it learned and ``resume=true`` continues it. A resume first compares the
+settings that shape the trained model with that record and refuses, listing
+every difference; the strategy then checks its own settings and the tensors.
+A run that stops with an error (e.g. the strategy's ``RunFailed``) ends with
+``"status": "failed"`` and a ``"reason"``, keeps its rounds and checkpoint,
+and re-raises, so Flower marks it failed and the launchers exit non-zero.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from autoflip_strategy import AutoFLIP, AutoFLIPConfig
-from autoflip_task.config import app_config, model_name
+from autoflip_strategy.config import ConfigError
+from autoflip_task.config import app_config, model_name, model_settings_changes
 from autoflip_task.data import load_federated_data
 from autoflip_task.models import build_model, example_input
 from autoflip_task.training import evaluate, resolve_device
@@ -41,9 +48,40 @@ def progress_line(r: dict[str, Any]) -> str:
             f"{r['seconds']:.1f}s")
 
 
+def check_resumable(out_dir: Path, cfg: dict[str, Any]) -> None:
+    """Refuse to resume a run whose recorded settings differ from ``cfg`` in anything that shapes the model.
+
+    Why: the strategy's checkpoint holds only the strategy's settings; a resume with another learning
+    rate, local-epochs, partitioning or dataset would otherwise finish "completed" as a run of neither."""
+    if not (out_dir / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} (set run-name to the run's folder)")
+    try:
+        stored = json.loads((out_dir / "results.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"resume: {out_dir / 'results.json'} holds no readable record of the run's settings "
+                          f"({type(exc).__name__}), so the checkpoint cannot be checked against them") from None
+    changes = model_settings_changes(stored, cfg)
+    if changes:
+        raise ConfigError(f"resume: {out_dir} was run with other settings (recorded -> now): {'; '.join(changes)}. "
+                          "Restore them, or start a new run-name")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for results.json and the launchers: the strategy's own reason, else the error."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = app_config(context.run_config)
+    run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}-run{context.run_id}"
+    out_dir = Path(cfg["output-dir"]).resolve() / run_name
+    if cfg["resume"]:
+        check_resumable(out_dir, cfg)
     data = load_federated_data(cfg["dataset"], cfg["data-dir"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
     name = model_name(cfg)
@@ -52,17 +90,18 @@ def main(grid: Grid, context: Context) -> None:
     test_x = data.test_x[: cfg["max-eval-examples"]].to(device)
     test_y = data.test_y[: cfg["max-eval-examples"]].to(device)
 
-    run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}-run{context.run_id}"
-    out_dir = Path(cfg["output-dir"]).resolve() / run_name
-    if cfg["resume"] and not (out_dir / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} (set run-name to the run's folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"status": "running", "config": cfg, "model": name, "rounds": [],
                                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    written = not cfg["resume"]  # a resume keeps the run's record until it has a round of its own
+    if written:
+        write_json(out_dir / "results.json", results)  # the settings are on disk before any checkpoint
 
     def on_round(record: dict[str, Any]) -> None:
+        nonlocal written
         results["rounds"] = strategy.history
         write_json(out_dir / "results.json", results)
+        written = True
         print(progress_line(record), flush=True)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -80,8 +119,16 @@ def main(grid: Grid, context: Context) -> None:
     )
     results["structure"] = {g.name: g.size for g in strategy.structure.groups}
     print(f"AutoFLIP run {run_name}: writing {out_dir / 'results.json'}", flush=True)
-    result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
-                            evaluate_fn=central_evaluation, resume=cfg["resume"])
+    try:
+        result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
+                                evaluate_fn=central_evaluation, resume=cfg["resume"])
+    except Exception as exc:  # RunFailed, or any error: never leave a run that looks as if it still ran
+        reason = failure_reason(exc)
+        if written:
+            results.update(rounds=strategy.history, status="failed", reason=reason)
+            write_json(out_dir / "results.json", results)
+        print(f"AutoFLIP run failed: {reason}", flush=True)
+        raise
     torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
     torch.save(strategy.layout.tensor_masks, out_dir / "final_mask.pt")  # keep-masks, global layout
     results["rounds"] = strategy.history  # also when a resumed run had no round left to train
