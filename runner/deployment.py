@@ -61,15 +61,21 @@ from typing import Any, TextIO
 
 from runner.processes import cmdline, is_alive, our_processes, stop_all
 from runner.simulation import (  # shared launcher helpers
+    FINAL_GRACE,
     _bin,
     _emit,
     _file_text,
     _free_port,
     _tail,
     _wait_healthy,
+    check_run_config,
+    final_record,
     find_results,
-    load_results,
+    load_results,  # noqa: F401 - re-exported for callers of this module
+    not_completed,
     parse_override_args,
+    resolve_path_keys,
+    run_outcome,
     toml_key,
     toml_value,
 )
@@ -521,9 +527,10 @@ class LoopbackFederation:
         started = time.monotonic()
         deadline = started + timeout
         app_dir = Path(app_dir).resolve()
-        overrides = dict(run_config or {})
+        overrides = resolve_path_keys(dict(run_config or {}), Path.cwd())
         if OUTPUT_DIR_KEY not in overrides:
             raise ValueError(f"run_config needs {OUTPUT_DIR_KEY!r} (where the ServerApp writes its results)")
+        check_run_config(overrides, app_dir, self.num_supernodes)
         output_dir = Path(overrides[OUTPUT_DIR_KEY]).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
         overrides[OUTPUT_DIR_KEY] = str(output_dir)
@@ -542,8 +549,16 @@ class LoopbackFederation:
                                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         self._popens[f"flwr-run-{index}"] = cli
         seen_lines = 0
+        final_at: float | None = None  # when the ServerApp's final record appeared
+
+        def past_grace() -> bool:
+            nonlocal final_at
+            if final_at is None and final_record(output_dir, before, record.output, results_pattern) is not None:
+                final_at = time.monotonic()
+            return final_at is not None and time.monotonic() - final_at > FINAL_GRACE
+
         try:
-            while cli.poll() is None and time.monotonic() < deadline:
+            while cli.poll() is None and time.monotonic() < deadline and not past_grace():
                 seen_lines = self._pump(out_log, record, seen_lines, stream_to)
                 self.snapshot()
                 self._check_alive()
@@ -551,7 +566,7 @@ class LoopbackFederation:
             record.cli_returncode = cli.poll()
             seen_lines = self._pump(out_log, record, seen_lines, stream_to, final=record.cli_returncode is not None)
             record.run_id = next((m.group(1) for line in record.output if (m := _RUN_ID.search(line))), None)
-            if record.cli_returncode is None:
+            if record.cli_returncode is None and not past_grace():
                 failure = f"timed out after {timeout:.0f} s"
             elif record.run_id is None:
                 failure = f"`flwr run` exited with code {record.cli_returncode} without starting a run"
@@ -564,6 +579,8 @@ class LoopbackFederation:
                         record.status_details = str(info.get("status-details", "") or "")
                         if record.status.startswith("finished"):
                             break
+                    if past_grace():
+                        break  # the ServerApp is done; its results file decides
                     if time.monotonic() > deadline:
                         failure = f"timed out after {timeout:.0f} s (run status {record.status!r})"
                         break
@@ -583,19 +600,16 @@ class LoopbackFederation:
                          if before.get(p) != mtime)
             mentioned = [p for p in new if any(str(p) in line for line in record.output)]
             candidates = mentioned or new
-            if record.status and record.status != "finished:completed":
+            if len(candidates) == 1 and run_outcome(candidates[0])[0] == "failed":
+                failure = not_completed(candidates[0], record.status)  # the ServerApp's own reason first
+            elif record.status and record.status.startswith("finished") and record.status != "finished:completed":
                 failure = f"run {record.run_id} ended with status {record.status!r} ({record.status_details})"
             elif len(candidates) != 1:
                 failure = (f"expected one new results file matching {results_pattern!r} under {output_dir}, "
                            f"found {[str(p) for p in candidates]}")
             else:
                 record.results = candidates[0]
-                try:
-                    app_status = load_results(record.results).get("status")
-                except (OSError, ValueError) as exc:
-                    app_status = f"unreadable ({exc})"
-                if app_status != "completed":
-                    failure = f"{record.results} has status {app_status!r}, not 'completed'"
+                failure = not_completed(record.results, record.status)
         if failure is not None or record.results is None:
             raise DeploymentError(f"Flower run {record.run_id or '?'} of {app_dir} failed: {failure}\n"
                                   f"{self.diagnostics()}")
@@ -677,6 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = parse_override_args(parser, args.run_config)
     overrides[OUTPUT_DIR_KEY] = str(args.output_dir.resolve())
+    try:  # before any process starts: a bad value or too few nodes fails in seconds
+        check_run_config(resolve_path_keys(overrides, Path.cwd()), args.app_dir, args.num_supernodes)
+    except ValueError as exc:
+        print(f"error: {exc} (nothing was started)", file=sys.stderr)
+        return 1
 
     def show(line: str) -> None:
         if args.verbose or line.startswith("[") or line.startswith("AutoFLIP run"):
