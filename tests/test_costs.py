@@ -1,6 +1,6 @@
 import torch
 
-from autoflip_strategy.costs import _forward_flops_by_layer, training_flops_per_example
+from autoflip_strategy.costs import forward_flops_by_layer, training_flops_per_example
 from autoflip_task.models import CharLSTM, PaperCNN, SmallResNet
 
 # forward FLOPs of PaperCNN(1, 8, 10) by hand: 2 * MACs
@@ -11,7 +11,7 @@ FC2 = 2 * 512 * 10
 
 
 def test_forward_flops_per_layer_match_the_formula():
-    per_layer, total = _forward_flops_by_layer(PaperCNN(1, 8, 10), torch.zeros(1, 1, 8, 8))
+    per_layer, total = forward_flops_by_layer(PaperCNN(1, 8, 10), torch.zeros(1, 1, 8, 8))
     assert per_layer == {"conv1": CONV1, "conv2": CONV2, "fc1": FC1, "fc2": FC2}
     assert total == CONV1 + CONV2 + FC1 + FC2
 

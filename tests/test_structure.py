@@ -10,6 +10,7 @@ from autoflip_strategy.structure import (
     select,
     structure_from_json,
     structure_to_json,
+    trace_structure,
 )
 from models_under_test import cnn, lstm, resnet
 
@@ -94,7 +95,7 @@ def test_json_round_trip_and_rejects_inconsistent_structure():
         structure_from_json("{not json")
 
 
-def test_grouped_convolution_units_are_left_intact():
+def test_depthwise_convolution_is_coupled_to_its_expand_conv():
     class Depthwise(nn.Module):
         def __init__(self):
             super().__init__()
@@ -105,10 +106,79 @@ def test_grouped_convolution_units_are_left_intact():
         def forward(self, x):
             return self.head(self.dw(self.a(x)).mean((2, 3)))
 
-    s = discover_structure(Depthwise(), torch.randn(2, 3, 9, 9))
-    # a's filters are coupled to a depthwise conv we cannot slice: that group is skipped, not mangled
-    assert all("dw" not in m.tensor for g in s.groups for m in g.members)
+    s, left_out = trace_structure(Depthwise(), torch.randn(2, 3, 9, 9))
+    # channel c of a depthwise conv is its filter c: removing a's filter c removes it, and head's input c
+    assert members(s, "a") == {("a.weight", 0, 1, 1, True), ("a.bias", 0, 1, 1, False),
+                               ("dw.weight", 0, 1, 1, True), ("dw.bias", 0, 1, 1, False),
+                               ("head.weight", 1, 1, 1, False)}
+    assert left_out == {}
+
+
+def test_grouped_convolution_units_are_left_intact_with_a_reason():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+            self.g = nn.Conv2d(8, 8, 3, groups=2)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.g(self.a(x)).mean((2, 3)))
+
+    s, left_out = trace_structure(Grouped(), torch.randn(2, 3, 9, 9))
+    # a's filters are coupled to a grouped conv we cannot slice: that group is left out, not mangled
+    assert all("g." not in m.tensor for g in s.groups for m in g.members)
     assert "a" not in [g.name for g in s.groups]
+    assert "grouped convolution 'g'" in left_out["a"]
+
+
+def test_cross_channel_norms_without_parameters_are_not_pass_through():
+    class Normed(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.a, self.norm, self.head = nn.Linear(4, 8), norm, nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.a(x)))
+
+    for norm in (nn.LayerNorm(8, elementwise_affine=False), nn.GroupNorm(2, 8, affine=False)):
+        s, left_out = trace_structure(Normed(norm), torch.randn(2, 4))
+        assert s.groups == () and "normalises across units" in left_out["a"], norm
+
+
+def test_gru_hidden_units_span_three_gates():
+    class GRUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.gru, self.out = nn.Linear(4, 6), nn.GRU(6, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.gru(self.inp(x))[0][:, -1])
+
+    s, left_out = trace_structure(GRUNet(), torch.randn(2, 7, 4))
+    assert [g.name for g in s.groups] == ["gru", "inp"] and left_out == {}
+    assert members(s, "gru") == {
+        ("gru.weight_ih_l0", 0, 3, 1, True), ("gru.weight_hh_l0", 0, 3, 1, True),
+        ("gru.weight_hh_l0", 1, 1, 1, False), ("gru.bias_ih_l0", 0, 3, 1, False),
+        ("gru.bias_hh_l0", 0, 3, 1, False), ("out.weight", 1, 1, 1, False)}
+    assert ("gru.weight_ih_l0", 1, 1, 1, False) in members(s, "inp")
+
+
+def test_tied_weights_are_one_tensor_and_never_narrowed():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.dec = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.mid(self.emb(x))))
+
+    s, left_out = trace_structure(Tied(), torch.randint(0, 10, (2, 3)))
+    assert s.aliases == {"dec.weight": "emb.weight"}
+    assert "dec.weight" not in s.shapes and "emb.weight" in s.prunable  # pruned once, under its first name
+    assert s.groups == () and "tied" in left_out["mid"]
+    assert structure_from_json(structure_to_json(s)) == s
 
 
 def test_stacked_lstm_is_rejected_with_a_clear_message():
