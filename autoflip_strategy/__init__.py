@@ -1,14 +1,16 @@
 """AutoFLIP for Flower: federated hybrid pruning guided by federated loss exploration.
 
 Server side: :class:`AutoFLIP` (a Flower Message-API strategy).
-Client side: :class:`AutoFLIPClient` (registers the handlers on a ``ClientApp``).
+Client side: :class:`AutoFLIPClient` (registers the handlers on a ``ClientApp``); the user's functions are
+``train_fn(model, TrainTask) -> TrainOutcome`` and ``evaluate_fn(model, EvalTask) -> EvalOutcome``.
+A run with no accepted client reply for ``max-failed-rounds`` rounds in a row raises :class:`RunFailed`.
 The math lives in small modules: :mod:`.guidance` (what matters),
 :mod:`.masks` (which weights and units to keep), :mod:`.structure` and
 :mod:`.compact` (unit couplings and physical surgery), :mod:`.codec` (the
 wire format) and :mod:`.costs` (FLOPs).
 """
 
-from .client import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTask
+from .client import AutoFLIPClient, ClientProtocolError, EvalFn, EvalOutcome, EvalTask, TrainFn, TrainOutcome, TrainTask
 from .codec import CodecError, Layout
 from .config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError, Option, parse_options
 from .enforce import enforce_mask
@@ -21,15 +23,19 @@ __all__ = [
     "AutoFLIP",
     "AutoFLIPClient",
     "AutoFLIPConfig",
+    "ClientProtocolError",
     "CodecError",
     "ConfigError",
+    "EvalFn",
     "EvalOutcome",
+    "EvalTask",
     "HybridMask",
     "Layout",
     "ModelStructure",
     "Option",
     "RunFailed",
     "STRATEGY_OPTIONS",
+    "TrainFn",
     "TrainOutcome",
     "TrainTask",
     "UnsupportedModelError",

@@ -10,10 +10,19 @@ One training message, as the client sees it:
    weights stay exactly zero whatever optimizer the user picks;
 4. reply with the kept values only (:func:`.codec.encode_state`).
 
-Usage::
+The user's functions have one signature style, ``fn(model, task) -> outcome``::
 
-    client = AutoFLIPClient(model_fn=lambda ctx: Net(), train_fn=my_train, evaluate_fn=my_eval)
-    app = client.build_app()      # or client.register(existing_app)
+    def train_fn(model: nn.Module, task: TrainTask) -> TrainOutcome: ...
+    def evaluate_fn(model: nn.Module, task: EvalTask) -> EvalOutcome: ...
+
+    app = ClientApp()
+    AutoFLIPClient(model_fn=lambda context: Net(), train_fn=train_fn, evaluate_fn=evaluate_fn).register(app)
+
+``task.config`` is the user's config exactly as the server sent it (the
+strategy's ``train_config`` / ``evaluate_config`` plus Flower's
+``server-round``); AutoFLIP's own keys travel separately. ``task.epochs`` is
+``local-epochs`` from that config, else from the node's run config (as
+Flower's templates read it), else 1.
 
 With ``device`` (a ``torch.device``, a string, or a function of the node's
 ``Context``), the handlers move the model there before calling ``train_fn`` /
@@ -25,8 +34,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +52,7 @@ from .masks import HybridMask, dense_mask
 from .structure import ModelStructure, prunable_weights, structure_from_json
 
 _STATE_KEY = "autoflip"  # context.state: ConfigRecord with version + structure, ArrayRecord with the mask
+EPOCHS_KEY = "local-epochs"  # read from the message config, else the run config (Flower's templates)
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,23 @@ class TrainTask:
     epochs: int
     server_round: int  # 0 during exploration
     phase: str  # "explore" or "train"
-    config: dict[str, Any]  # the message's config (train_config of the strategy and more)
+    config: dict[str, Any]  # the user's config as sent (train_config, run-config keys, "server-round")
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """What ``evaluate_fn`` is asked to do."""
+
+    context: Context
+    server_round: int
+    config: dict[str, Any]  # the user's config as sent (evaluate_config, "server-round")
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
     num_examples: int
     loss: float  # mean training loss of the last epoch
+    metrics: Mapping[str, float] = field(default_factory=dict)  # more metrics for the reply (Flower names)
 
 
 @dataclass(frozen=True)
@@ -67,10 +87,11 @@ class EvalOutcome:
     num_examples: int
     loss: float
     accuracy: float
+    metrics: Mapping[str, float] = field(default_factory=dict)  # more metrics for the reply (Flower names)
 
 
 TrainFn = Callable[[nn.Module, TrainTask], TrainOutcome]
-EvalFn = Callable[[nn.Module, Context], EvalOutcome]
+EvalFn = Callable[[nn.Module, EvalTask], EvalOutcome]
 DeviceSpec = torch.device | str | Callable[[Context], torch.device | str] | None
 
 
@@ -84,8 +105,40 @@ def client_seed(seed: int, server_round: int, context: Context) -> int:
     return zlib.crc32(f"{seed}:{server_round}:{who}".encode())
 
 
+def local_epochs(config: Mapping[str, Any], run_config: Mapping[str, Any]) -> int:
+    """``local-epochs``: the server's config wins, then the node's run config, then 1."""
+    value = config.get(EPOCHS_KEY, run_config.get(EPOCHS_KEY, 1))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise ClientProtocolError(f"{EPOCHS_KEY} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def split_config(msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(AutoFLIP's settings, the user's config) of a request; fails clearly on a non-AutoFLIP message."""
+    settings = msg.content.get(P.SETTINGS)
+    if not isinstance(settings, ConfigRecord):
+        raise ClientProtocolError(f"message of type {msg.metadata.message_type!r} was not sent by the AutoFLIP "
+                                  "strategy (no AutoFLIP settings): use AutoFLIPClient with the AutoFLIP strategy")
+    ours = dict(settings)
+    user = msg.content.get(str(ours.get(P.CONFIG_KEY, P.CONFIG)))
+    return ours, dict(user) if isinstance(user, ConfigRecord) else {}
+
+
+def _metrics(base: Mapping[str, float | int], extra: Mapping[str, float]) -> MetricRecord:
+    clash = sorted(set(base) & set(extra))
+    if clash:
+        raise ValueError(f"outcome metrics {clash} clash with AutoFLIP's own reply metrics")
+    return MetricRecord({**base, **{k: float(v) for k, v in extra.items()}})
+
+
 class AutoFLIPClient:
-    """Registers the AutoFLIP message handlers around the user's model and loops."""
+    """Registers the AutoFLIP message handlers around the user's model and loops.
+
+    ``train_fn(model, task: TrainTask) -> TrainOutcome`` and
+    ``evaluate_fn(model, task: EvalTask) -> EvalOutcome`` get a (compact) model
+    already on its device. Without ``evaluate_fn`` an evaluation message fails
+    with an error that says so (set ``fraction_evaluate=0.0`` on the strategy).
+    """
 
     def __init__(self, model_fn: Callable[[Context], nn.Module], train_fn: TrainFn,
                  evaluate_fn: EvalFn | None = None, device: DeviceSpec = None) -> None:
@@ -103,11 +156,17 @@ class AutoFLIPClient:
         return self.register(ClientApp())
 
     def register(self, app: ClientApp) -> ClientApp:
+        """Register AutoFLIP's handlers on ``app``; a handler of the app's own for the same message fails here."""
+        taken = set(getattr(app, "_registered_funcs", {}))
+        for kind in ("train", "evaluate"):
+            if f"{kind}.default" in taken:
+                raise ValueError(
+                    f"this ClientApp already has its own @app.{kind}() handler, which cannot read AutoFLIP's "
+                    f"compressed model: remove it and pass {kind}_fn(model, task) to AutoFLIPClient")
         app.query("describe")(self.describe)
         app.query("explore")(self.explore)
         app.train()(self.train)
-        if self.evaluate_fn is not None:
-            app.evaluate()(self.evaluate)
+        app.evaluate()(self.evaluate)
         return app
 
     # ---------------------------------------------------------------- handlers
@@ -117,16 +176,16 @@ class AutoFLIPClient:
 
     def explore(self, msg: Message, context: Context) -> Message:
         """Train from θ₀ with early stopping and return (θ_k - θ₀)² per prunable weight."""
-        cfg = dict(msg.content[P.CONFIG])
+        cfg, user = split_config(msg)
         model = self.model_fn(context)
-        theta0 = {k: v.float() for k, v in msg.content[P.ARRAYS].to_torch_state_dict().items()}
+        theta0 = {k: v.float() for k, v in msg.content[P.MODEL].to_torch_state_dict().items()}
         model.load_state_dict(theta0, strict=False)
         model.to(self.device_for(context))
         torch.manual_seed(client_seed(int(cfg[P.SEED]), 0, context))
         best, stale, epochs, outcome, seconds = float("inf"), 0, 0, None, 0.0
         for epochs in range(1, int(cfg[P.EPOCHS]) + 1):
             start = time.perf_counter()
-            outcome = self.train_fn(model, TrainTask(context, 1, 0, "explore", cfg))
+            outcome = self.train_fn(model, TrainTask(context, 1, 0, "explore", user))
             seconds += time.perf_counter() - start
             if outcome.loss < best - 1e-6:
                 best, stale = outcome.loss, 0
@@ -143,48 +202,53 @@ class AutoFLIPClient:
                        reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
-        cfg = dict(msg.content[P.CONFIG])
-        model, layout = self._receive(msg, context)
+        cfg, user = split_config(msg)
+        model, layout = self._receive(msg, context, cfg)
         model.to(self.device_for(context))
         server_round = int(cfg[P.ROUND])
         torch.manual_seed(client_seed(int(cfg[P.SEED]), server_round, context))
-        epochs = int(cfg.get("local-epochs", 1))
+        epochs = local_epochs(user, context.run_config)
         start = time.perf_counter()
         with enforce_mask(model, layout.compact_masks):
-            outcome = self.train_fn(model, TrainTask(context, epochs, server_round, "train", cfg))
+            outcome = self.train_fn(model, TrainTask(context, epochs, server_round, "train", user))
         seconds = time.perf_counter() - start
         state = {n: t for n, t in model.cpu().state_dict().items() if n in layout.structure.shapes}
-        metrics = MetricRecord({P.NUM_EXAMPLES: int(outcome.num_examples), P.TRAIN_LOSS: float(outcome.loss),
-                                P.TRAIN_SECONDS: seconds, P.MASK_VERSION: int(cfg[P.MASK_VERSION])})
+        weight_key = str(cfg.get(P.WEIGHT_KEY, P.NUM_EXAMPLES))
+        metrics = _metrics({weight_key: int(outcome.num_examples), P.TRAIN_LOSS: float(outcome.loss),
+                            P.TRAIN_SECONDS: seconds, P.EPOCHS_RUN: epochs,
+                            P.MASK_VERSION: int(cfg[P.MASK_VERSION])}, outcome.metrics)
         arrays = encode_state(state, layout, str(cfg[P.TRANSPORT]))
         return Message(RecordDict({P.ARRAYS: arrays, P.METRICS: metrics}), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
-        model, _ = self._receive(msg, context)
+        if self.evaluate_fn is None:
+            raise ClientProtocolError("AutoFLIPClient has no evaluate_fn: pass evaluate_fn(model, task) -> "
+                                      "EvalOutcome, or set fraction_evaluate=0.0 on the AutoFLIP strategy")
+        cfg, user = split_config(msg)
+        model, _ = self._receive(msg, context, cfg)
         model.to(self.device_for(context)).eval()
-        outcome = self.evaluate_fn(model, context)
-        metrics = MetricRecord({P.NUM_EXAMPLES: int(outcome.num_examples), "loss": float(outcome.loss),
-                                "accuracy": float(outcome.accuracy)})
+        outcome = self.evaluate_fn(model, EvalTask(context, int(cfg[P.ROUND]), user))
+        weight_key = str(cfg.get(P.WEIGHT_KEY, P.NUM_EXAMPLES))
+        metrics = _metrics({weight_key: int(outcome.num_examples), P.EVAL_LOSS: float(outcome.loss),
+                            P.EVAL_ACC: float(outcome.accuracy)}, outcome.metrics)
         return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
 
     # ----------------------------------------------------------------- helpers
-    def _receive(self, msg: Message, context: Context) -> tuple[nn.Module, Layout]:
+    def _receive(self, msg: Message, context: Context, cfg: Mapping[str, Any]) -> tuple[nn.Module, Layout]:
         """The compact model and its layout for this message (caching the mask per node)."""
-        cfg = msg.content[P.CONFIG]
         version, transport = int(cfg[P.MASK_VERSION]), str(cfg[P.TRANSPORT])
-        structure, mask = self._mask(msg, context, version, transport)
+        structure, mask = self._mask(msg, context, cfg, version, transport)
         layout = Layout.build(structure, mask)
         model = self.model_fn(context)
         shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n in structure.shapes}
         if shapes != structure.shapes:
             raise ClientProtocolError("the server's model structure does not match this client's model")
         compact = compact_model(model, layout.kept)
-        compact.load_state_dict(decode_state(msg.content[P.ARRAYS], layout, transport), strict=False)
+        compact.load_state_dict(decode_state(msg.content[P.MODEL], layout, transport), strict=False)
         return compact, layout
 
-    def _mask(self, msg: Message, context: Context, version: int,
+    def _mask(self, msg: Message, context: Context, cfg: Mapping[str, Any], version: int,
               transport: str) -> tuple[ModelStructure, HybridMask]:
-        cfg = msg.content[P.CONFIG]
         if P.STRUCTURE in cfg:
             meta = ConfigRecord({P.STRUCTURE: str(cfg[P.STRUCTURE]), P.MASK_VERSION: version,
                                  P.TRANSPORT: transport})
@@ -201,4 +265,3 @@ class AutoFLIPClient:
         if not isinstance(record, ArrayRecord):
             raise ClientProtocolError(f"mask version {version} is missing from this node's state")
         return structure, decode_mask(record, structure, str(meta[P.TRANSPORT]))
-

@@ -30,3 +30,21 @@ def most_common_error(reasons: Iterable[str]) -> str:
     reason, n = counts.most_common(1)[0]
     total = sum(counts.values())
     return reason if n == total else f"{reason} ({n} of {total} failures)"
+
+
+HINTS: tuple[tuple[str, str], ...] = (
+    ("No query function registered", "the ClientApp lacks AutoFLIP's handlers: call "
+     "AutoFLIPClient(model_fn, train_fn, evaluate_fn).register(app) on it"),
+    ("No evaluate function registered", "the ClientApp has no evaluate handler: pass evaluate_fn to "
+     "AutoFLIPClient or set fraction_evaluate=0.0 on the strategy"),
+    ("No train function registered", "the ClientApp lacks AutoFLIP's handlers: call "
+     "AutoFLIPClient(model_fn, train_fn, evaluate_fn).register(app) on it"),
+)
+
+
+def with_hint(reason: str) -> str:
+    """The reason, plus the fix where the error is one AutoFLIP knows (e.g. a ClientApp without its handlers)."""
+    for signature, fix in HINTS:
+        if signature in reason:
+            return f"{reason} (fix: {fix})"
+    return reason

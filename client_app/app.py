@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from torch import nn
 
-from autoflip_strategy import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTask
+from autoflip_strategy import AutoFLIPClient, EvalOutcome, EvalTask, TrainOutcome, TrainTask
 from autoflip_task.config import app_config, model_name
 from autoflip_task.data import FederatedData, load_federated_data, partition_indices
 from autoflip_task.models import build_model
@@ -60,8 +60,8 @@ def train_fn(model: nn.Module, task: TrainTask) -> TrainOutcome:
     return TrainOutcome(len(train_idx), loss)
 
 
-def evaluate_fn(model: nn.Module, context: Context) -> EvalOutcome:
-    _, data, _, eval_idx = _data(context)
+def evaluate_fn(model: nn.Module, task: EvalTask) -> EvalOutcome:
+    _, data, _, eval_idx = _data(task.context)
     t = torch.as_tensor(eval_idx.copy())
     loss, acc = evaluate(model, data.train_x[t], data.train_y[t])
     return EvalOutcome(max(len(eval_idx), 1), loss, acc)
