@@ -1,75 +1,124 @@
-"""The AutoFLIP strategy: thin orchestration of exploration, masks, codec and aggregation.
+"""The AutoFLIP strategy: thin orchestration of exploration, masks, codec and aggregation in Flower's hooks.
 
-One round, as the server sees it:
+AutoFLIP follows Flower's data flow, so Flower's own ``Strategy.start`` and
+Flower's strategy wrappers (e.g. ``DifferentialPrivacyServerSideFixedClipping``)
+drive it like FedAvg. One round, as the hooks see it:
 
-1. :meth:`AutoFLIP._update_mask` recomputes the hybrid mask from the current
-   scores (guidance for AutoFLIP, |θ| for the magnitude baseline, fixed random
-   scores for the random baseline; nothing for FedAvg).
-2. :meth:`configure_train` samples clients (seeded, by partition id, so every
-   method sees the same clients) and sends each the pruned global model, plus
-   the packed mask to those that do not have this mask version yet.
-3. :meth:`aggregate_train` validates every reply, averages the accepted ones
-   (weighted by examples), re-applies the mask and refreshes the guidance.
-4. The global model is evaluated (centrally via ``evaluate_fn``, and on
-   clients when ``fraction-evaluate`` > 0) and one record is appended to
-   :attr:`history` with realised and analytic bytes and FLOPs.
+1. :meth:`configure_train` takes the global ``arrays`` it is given as the
+   model (round 1: θ₀, and before it the exploration stage, AutoFLIP only),
+   recomputes the hybrid mask (guidance for AutoFLIP, |θ| for the magnitude
+   baseline, fixed random scores for the random baseline; nothing for FedAvg),
+   zeroes pruned coordinates in ``arrays`` itself (so a wrapper that keeps a
+   reference sees the pruned model), samples clients (seeded, by partition
+   id, so every method sees the same clients) and sends each the compact
+   model, plus the packed mask to those that do not have this mask version.
+2. :meth:`aggregate_train` validates every raw reply (any error in one reply
+   rejects that reply only), averages the accepted ones (weighted by
+   examples), re-applies the mask and refreshes the guidance. A round in which
+   no sampled client's reply was accepted is a failed round; after
+   ``max-failed-rounds`` of them in a row the run raises :class:`RunFailed`.
+3. :meth:`configure_evaluate` / :meth:`aggregate_evaluate` do the same for
+   client-side evaluation (``fraction-evaluate`` > 0); then one record is
+   appended to :attr:`history` with realised and analytic bytes and FLOPs
+   (after the central ``evaluate_fn`` when :meth:`start` was given one), the
+   checkpoint is written and ``on_round`` is called.
+
+:meth:`start` adds checkpoint/resume around Flower's ``Strategy.start``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from torch import nn
 
 from . import guidance as G
 from . import protocol as P
-from .aggregation import (RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric,
-                          validate_train_reply)
-from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_state, record_nbytes
+from .aggregation import RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric, validate_train_reply
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import AutoFLIPConfig
+from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_state, record_nbytes
+from .config import RESUME_NEUTRAL, AutoFLIPConfig, resolve_config
 from .costs import training_flops_per_example
+from .failures import RunFailed, most_common_error, with_hint
 from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, empty_output_rows, scheduled_sparsity
 from .structure import ModelStructure, discover_structure, structure_to_json
 
 DESCRIBE_CHUNK = 100  # handshake messages in flight at once
 RoundCallback = Callable[[dict[str, Any]], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
+FORWARDED_RUN_CONFIG = ("local-epochs", "lr", "learning-rate")  # run-config keys sent to clients (Flower templates)
+INTERNAL_METRICS = (P.MASK_VERSION, P.TRAIN_SECONDS, P.EPOCHS_RUN)  # reply metrics the user's aggregation never sees
+_GUIDANCE_TAKES_MAX_BYTES = "max_bytes" in inspect.signature(decode_guidance).parameters
+
+
+def forwarded_train_config(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run-config keys a Flower template's clients read (local epochs, learning rate), to send with training."""
+    return {k: run_config[k] for k in FORWARDED_RUN_CONFIG if run_config and k in run_config}
+
+
+def user_config(defaults: Mapping[str, Any], given: ConfigRecord | None, server_round: int) -> ConfigRecord:
+    """The user's config for one message: the strategy's defaults, then what start() was given, then the round."""
+    return ConfigRecord({**defaults, **dict(given or {}), P.ROUND: server_round})
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f} MB"
 
 
 class AutoFLIP(Strategy):
-    """Federated hybrid pruning guided by federated loss exploration (and its baselines).
+    """Federated hybrid pruning guided by federated loss exploration (and its baselines), shaped like FedAvg.
+
+    Replace ``FedAvg(...)`` with ``AutoFLIP(model, example_input, ...)`` and keep FedAvg's arguments.
 
     Parameters
     ----------
     model : nn.Module
-        The global architecture (its weights are not used; ``start`` takes θ₀).
+        The global architecture (its weights are not used; the strategy takes the arrays Flower gives it).
     example_input : torch.Tensor
         A batch shaped like the data, used to trace unit couplings and count FLOPs.
-    config : AutoFLIPConfig
-        Method, sparsity targets, exploration and sampling settings.
-    train_config : Mapping, optional
-        Extra values sent to clients with every training message
-        (e.g. ``{"local-epochs": 5, "learning-rate": 3e-4}``).
+    config : AutoFLIPConfig, optional
+        All settings at once (method, sparsity, exploration, sampling).
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes
+        FedAvg's sampling arguments, with FedAvg's defaults (1.0, 1.0, 2, 2, 2) when neither ``config`` nor
+        ``run_config`` sets them.
+    weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        As in FedAvg: the metric with the example count; the request keys of the arrays (AutoFLIP puts a
+        note there for plain handlers; the compressed model travels under ``autoflip.model``) and of the
+        user's config; how the replies' metrics are aggregated (default: weighted average).
+    run_config : Mapping, optional
+        The app's ``context.run_config``: keys named like AutoFLIP's options (``fraction-train``,
+        ``sparsity``, ...) set them, and ``local-epochs``, ``lr``, ``learning-rate`` are sent to clients.
+    train_config, evaluate_config : Mapping, optional
+        Values sent to clients with every training / evaluation message (under ``configrecord_key``);
+        ``start(train_config=...)`` adds to and overrides them.
     on_round : callable, optional
         Called with each round's record as soon as it is complete.
     ignored_layers : tuple of str
         Module names whose units are never removed.
     checkpoint : path, optional
-        Where to write the strategy's state after every round (atomically).
-        ``start(..., resume=True)`` continues from it.
+        Where to write the strategy's state after every round (atomically); ``start(..., resume=True)``
+        continues from it.
+    **options
+        Any other :class:`AutoFLIPConfig` field by name (``sparsity=0.5``, ``max_failed_rounds=3``, ...).
+
+    Precedence (later wins): defaults, ``config``, ``run_config``, keyword arguments. For the values sent to
+    clients: forwarded run-config keys, ``train_config``, ``start(train_config=...)``.
     """
 
     def __init__(
@@ -77,14 +126,44 @@ class AutoFLIP(Strategy):
         model: nn.Module,
         example_input: torch.Tensor,
         config: AutoFLIPConfig | None = None,
+        *,
+        fraction_train: float | None = None,
+        fraction_evaluate: float | None = None,
+        min_train_nodes: int | None = None,
+        min_evaluate_nodes: int | None = None,
+        min_available_nodes: int | None = None,
+        weighted_by_key: str = P.NUM_EXAMPLES,
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = P.CONFIG,
+        train_metrics_aggr_fn: MetricsAggrFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
+        run_config: Mapping[str, Any] | None = None,
         train_config: Mapping[str, Any] | None = None,
+        evaluate_config: Mapping[str, Any] | None = None,
         on_round: RoundCallback | None = None,
         ignored_layers: tuple[str, ...] = (),
         checkpoint: str | Path | None = None,
+        **options: Any,
     ) -> None:
-        self.config = config or AutoFLIPConfig()
+        if config is not None and not isinstance(config, AutoFLIPConfig):
+            raise TypeError("AutoFLIP's third argument is an AutoFLIPConfig; pass FedAvg's arguments by keyword "
+                            "(fraction_train=..., ...)")
+        sampling = {"fraction_train": fraction_train, "fraction_evaluate": fraction_evaluate,
+                    "min_train_nodes": min_train_nodes, "min_evaluate_nodes": min_evaluate_nodes,
+                    "min_available_nodes": min_available_nodes}
+        self.config = resolve_config(config, run_config, {**{k: v for k, v in sampling.items() if v is not None},
+                                                          **options})
+        if P.SETTINGS in (arrayrecord_key, configrecord_key) or arrayrecord_key == configrecord_key:
+            raise ValueError("arrayrecord_key and configrecord_key must differ from each other and from "
+                             f"{P.SETTINGS!r}")
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn or aggregate_metricrecords
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or aggregate_metricrecords
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.train_config = dict(train_config or {})
+        self.train_config = {**forwarded_train_config(run_config), **dict(train_config or {})}
+        self.evaluate_config = dict(evaluate_config or {})
         self.on_round = on_round
         self.structure: ModelStructure = discover_structure(model, example_input, ignored_layers)
         self._structure_json = structure_to_json(self.structure)
@@ -100,12 +179,30 @@ class AutoFLIP(Strategy):
         self.partitions: dict[int, int] = {}  # node id -> partition id (or -1)
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
+        self._started = False  # stage 0 (exploration / initial record) done
+        self._offset = 0  # rounds done before this start() (resume): Flower's round r is our round r + offset
+        self._central_pending = False  # start() evaluates centrally after aggregate_evaluate and closes the round
+        self._central0: MetricRecord | None = None
+        self._sent: dict[str, list[Message]] = {}
+        self._filing = ""  # prefix of the record lists failures go to ("" train/explore, "eval_" evaluate)
+        self._failed_streak: list[str] = []  # failure reasons of the current run of failed rounds
+        self._failed_rounds = 0
 
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
         c = self.config
-        log(INFO, "\t├──> Method: %s | sparsity %.2f (structured %.2f) | transport %s",
-            c.strategy, c.sparsity if c.prunes else 0.0, c.structured_sparsity if c.prunes else 0.0, c.transport)
+        log(INFO, "\t├──> Sampling:")
+        log(INFO, "\t│\t├──Fraction: train (%.2f) | evaluate ( %.2f)", c.fraction_train, c.fraction_evaluate)
+        log(INFO, "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)", c.min_train_nodes,
+            c.min_evaluate_nodes if c.fraction_evaluate > 0 else 0)
+        log(INFO, "\t│\t└──Minimum available nodes: %d", c.min_available_nodes)
+        log(INFO, "\t├──> Keys in records:")
+        log(INFO, "\t│\t├── Weighted by: '%s'", self.weighted_by_key)
+        log(INFO, "\t│\t├── ArrayRecord key: '%s'", self.arrayrecord_key)
+        log(INFO, "\t│\t└── ConfigRecord key: '%s'", self.configrecord_key)
+        log(INFO, "\t├──> Method: %s | sparsity %.2f (structured %.2f) | transport %s | max failed rounds %d",
+            c.strategy, c.sparsity if c.prunes else 0.0, c.structured_sparsity if c.prunes else 0.0, c.transport,
+            c.max_failed_rounds)
         log(INFO, "\t├──> Units: %s", ", ".join(f"{g.name}[{g.size}]" for g in self.structure.groups))
         log(INFO, "\t└──> Prunable weights: %d in %d tensors", self.structure.num_prunable, len(self.structure.prunable))
 
@@ -122,6 +219,23 @@ class AutoFLIP(Strategy):
             self._flops_per_example[self.mask_version] = training_flops_per_example(
                 compact, self._example_input, self.layout.compact_masks)
         return self._flops_per_example[self.mask_version]
+
+    def _adopt(self, arrays: ArrayRecord) -> None:
+        """Flower's global arrays become the model, masked (the wrapped pipeline may have changed them)."""
+        given = arrays.to_torch_state_dict()
+        missing = set(self.structure.shapes) - set(given)
+        if missing:
+            raise ValueError(f"the arrays lack tensors of the model: {sorted(missing)}")
+        self.state = {n: given[n].detach().float().clone() for n in self.structure.shapes}
+        if self.config.prunes:
+            apply_mask(self.state, self.layout.tensor_masks)
+
+    def _write_back(self, arrays: ArrayRecord) -> None:
+        """Zero the pruned coordinates in the caller's record too, so whoever holds it (Flower's start, a DP
+        wrapper's clipping reference, central evaluation) works with the pruned model."""
+        for name in self.layout.tensor_masks if self.config.prunes else ():
+            if name in arrays:
+                arrays[name] = Array(self.state[name].numpy().astype(arrays[name].numpy().dtype, copy=False))
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         deadline = time.time() + self.config.round_timeout
@@ -159,22 +273,31 @@ class AutoFLIP(Strategy):
         rng = random.Random(f"{self.config.seed}:{purpose}:{server_round}")
         return sorted(rng.sample(ordered, k), key=ordered.index)
 
-    def _config(self, server_round: int, node: int, **extra: Any) -> ConfigRecord:
-        cfg = {**self.train_config, **extra, P.ROUND: server_round, P.SEED: self.config.seed,
-               P.TRANSPORT: self.config.transport, P.MASK_VERSION: self.mask_version}
+    def _settings(self, server_round: int, node: int, **extra: Any) -> ConfigRecord:
+        """AutoFLIP's own keys for one node's message (the structure travels with a new mask version)."""
+        cfg = {P.ROUND: server_round, P.SEED: self.config.seed, P.TRANSPORT: self.config.transport,
+               P.MASK_VERSION: self.mask_version, P.CONFIG_KEY: self.configrecord_key,
+               P.WEIGHT_KEY: self.weighted_by_key, **extra}
         if self.delivered.get(node) != self.mask_version:
             cfg[P.STRUCTURE] = self._structure_json
         return ConfigRecord(cfg)
 
-    def _model_messages(self, server_round: int, nodes: list[int], message_type: str) -> list[Message]:
-        """One message per node: shared model arrays, the mask only where it is missing."""
+    def _hint(self) -> ArrayRecord:
+        """What a plain Flower handler finds under ``arrayrecord_key``: a tensor whose name says what to do."""
+        return ArrayRecord({P.PLAIN_HANDLER_HINT: Array(np.zeros(0, dtype=np.float32))})
+
+    def _model_messages(self, server_round: int, nodes: list[int], message_type: str,
+                        config: ConfigRecord) -> list[Message]:
+        """One message per node: shared model arrays and user config, the mask only where it is missing."""
         arrays = encode_state(self.layout.to_compact(self.state), self.layout, self.config.transport)
         mask = encode_mask(self.layout, self.config.transport) if self.mask_version else None
-        model_bytes, mask_bytes = record_nbytes(arrays), record_nbytes(mask) if mask else 0
+        hint = self._hint()
+        model_bytes, mask_bytes = record_nbytes(arrays) + record_nbytes(hint), record_nbytes(mask) if mask else 0
         messages = []
         for node in nodes:
             needs_mask = self.delivered.get(node) != self.mask_version
-            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: self._config(server_round, node)})
+            content = RecordDict({self.arrayrecord_key: hint, self.configrecord_key: config, P.MODEL: arrays,
+                                  P.SETTINGS: self._settings(server_round, node)})
             if needs_mask and mask is not None:
                 content[P.MASK] = mask
             structure_bytes = len(self._structure_json) if needs_mask else 0  # sent with a new mask version
@@ -188,12 +311,15 @@ class AutoFLIP(Strategy):
         self._round = {"round": server_round, "phase": phase, "bytes_down": 0, "bytes_up": 0,
                        "analytic_bytes_down": 0, "analytic_bytes_up": 0, "train_flops": 0,
                        "client_train_seconds": 0.0, "masks_sent": 0, "sampled": [], "replied": [],
-                       "dropped": [], "rejected": [], "_t0": time.perf_counter()}
+                       "dropped": [], "rejected": [], "eval_dropped": [], "eval_rejected": [],
+                       "_t0": time.perf_counter()}
 
     def _note_failure(self, kind: str, node: int, reason: str) -> None:
-        log(WARNING, "%s reply from node %d (partition %d): %s", kind, node, self.partitions.get(node, -1), reason)
-        self._round["dropped" if kind == "dropped" else "rejected"].append(
-            {"partition": self.partitions.get(node, -1), "node": node, "reason": reason})
+        what = f"{self._filing}{'dropped' if kind == 'dropped' else 'rejected'}"
+        log(WARNING, "%s reply from node %d (partition %d): %s", what.replace("_", " "), node,
+            self.partitions.get(node, -1), reason)
+        self._round.setdefault(what, []).append({"partition": self.partitions.get(node, -1), "node": node,
+                                                 "reason": reason})
 
     def _replies(self, sent: list[Message], replies: Iterable[Message]) -> list[Message]:
         """Replies that carry content, in partition order (so aggregation is reproducible);
@@ -211,40 +337,82 @@ class AutoFLIP(Strategy):
                 self._note_failure("dropped", msg.metadata.dst_node_id, "no reply before the timeout")
         return sorted(ok, key=lambda m: (self.partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
 
+    def _check_progress(self, accepted: int) -> None:
+        """No silent success: after ``max-failed-rounds`` rounds in a row in which no sampled client's reply
+        was accepted, close the round's record and raise :class:`RunFailed` with the most common error."""
+        r = self._round
+        if accepted or not r["sampled"]:
+            self._failed_streak, self._failed_rounds = [], 0
+            return
+        self._failed_rounds += 1
+        self._failed_streak += [f["reason"] for f in r["dropped"] + r["rejected"]] or ["no reply"]
+        r["failed"] = True
+        reason = with_hint(most_common_error(self._failed_streak))
+        log(ERROR, "Round %d failed: no sampled client's reply was accepted (%d failed round(s) in a row, "
+            "max-failed-rounds=%d): %s", r["round"], self._failed_rounds, self.config.max_failed_rounds, reason)
+        if self._failed_rounds >= self.config.max_failed_rounds:
+            self._finish_round(None, None)
+            raise RunFailed(f"{self._failed_rounds} rounds in a row without an accepted client reply; most common "
+                            f"error: {reason}", r["round"])
+
     # --------------------------------------------------------------- stage 0
+    def _stage0(self, grid: Grid) -> None:
+        """Round 0: exploration (AutoFLIP) or just the initial record (baselines), before round 1 trains."""
+        explores = self.config.strategy == "autoflip"
+        self._new_round(0, "explore" if explores else "init")
+        if explores:
+            log(INFO, "")
+            log(INFO, "[EXPLORATION]")
+            self.explore(grid)
+        self._started = True
+        evaluation, self._central0 = self._central0, None
+        if explores:
+            self._check_progress(len(self._round["replied"]))
+        self._finish_round(evaluation, None)
+
     def explore(self, grid: Grid) -> None:
         """Stage 0: explorers train from θ₀ and return local guidance matrices."""
         c = self.config
         nodes = self._sample(grid, 0, c.explore_fraction, 1, "explore")
-        self._round["sampled"] = [self.partitions[n] for n in nodes]
+        self._round["sampled"] = [self.partitions.get(n, -1) for n in nodes]
         theta0 = ArrayRecord({n: t.clone() for n, t in self.state.items()})
         size = record_nbytes(theta0)
+        config = user_config(self.train_config, None, 0)
         sent = []
         for node in nodes:
-            cfg = ConfigRecord({**self.train_config, P.ROUND: 0, P.SEED: c.seed, P.EPOCHS: c.explore_epochs,
-                                P.PATIENCE: c.explore_patience, P.PRECISION: c.guidance_precision})
-            sent.append(Message(RecordDict({P.ARRAYS: theta0, P.CONFIG: cfg}), dst_node_id=node, message_type=P.EXPLORE))
+            cfg = ConfigRecord({P.ROUND: 0, P.SEED: c.seed, P.EPOCHS: c.explore_epochs, P.PATIENCE: c.explore_patience,
+                                P.PRECISION: c.guidance_precision, P.CONFIG_KEY: self.configrecord_key})
+            content = RecordDict({self.arrayrecord_key: self._hint(), self.configrecord_key: config, P.MODEL: theta0,
+                                  P.SETTINGS: cfg})
+            sent.append(Message(content, dst_node_id=node, message_type=P.EXPLORE))
             self._round["bytes_down"] += size
             self._round["analytic_bytes_down"] += 4 * sum(t.numel() for t in self.state.values())
+        log(INFO, "configure_explore: Sampled %d nodes (out of %d) | θ₀ %s each", len(sent),
+            len(list(grid.get_node_ids())), _mb(size))
         matrices, weights = [], []
         dense_flops = self._flops()
         for reply in self._replies(sent, grid.send_and_receive(sent, timeout=c.round_timeout)):
             node = reply.metadata.src_node_id
-            if isinstance(guidance := reply.content.get(P.GUIDANCE), ArrayRecord):
-                self._round["bytes_up"] += record_nbytes(guidance)  # received, accepted or not
             try:
+                if isinstance(guidance := reply.content.get(P.GUIDANCE), ArrayRecord):
+                    self._round["bytes_up"] += record_nbytes(guidance)  # received, accepted or not
                 matrix, n, epochs = self._validate_guidance(reply.content)
                 seconds = finite_metric(reply.content[P.METRICS], P.TRAIN_SECONDS)
             except RejectedReply as exc:
                 self._note_failure("rejected", node, str(exc))
                 continue
+            except Exception as exc:  # no single reply can stop a run
+                self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
+                continue
             self._round["analytic_bytes_up"] += (16 if c.guidance_precision == "float16" else 32) * \
                 self.structure.num_prunable // 8
             self._round["train_flops"] += dense_flops * n * epochs
             self._round["client_train_seconds"] += seconds
-            self._round["replied"].append(self.partitions[node])
+            self._round["replied"].append(self.partitions.get(node, -1))
             matrices.append(matrix)
             weights.append(float(n) if c.explore_weighting == "examples" else 1.0)
+        log(INFO, "aggregate_explore: Received %d guidance matrices and %d failures", len(matrices),
+            len(self._round["dropped"]) + len(self._round["rejected"]))
         if matrices:
             self.scores = G.normalise(G.weighted_mean(matrices, weights), c.guidance_norm)
         else:
@@ -256,8 +424,9 @@ class AutoFLIP(Strategy):
         if not isinstance(guidance, ArrayRecord) or not isinstance(metrics, MetricRecord):
             raise RejectedReply("exploration reply needs 'guidance' and 'metrics' records")
         n = example_count(metrics, self.config.max_examples)
+        limit = {"max_bytes": int(self.config.max_payload_mb * 2**20)} if _GUIDANCE_TAKES_MAX_BYTES else {}
         try:
-            matrix = decode_guidance(guidance, self.structure, self.config.guidance_precision)
+            matrix = decode_guidance(guidance, self.structure, self.config.guidance_precision, **limit)
         except CodecError as exc:
             raise RejectedReply(str(exc)) from None
         epochs = metrics.get(P.EPOCHS_RUN, self.config.explore_epochs)
@@ -302,73 +471,157 @@ class AutoFLIP(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        c = self.config
-        nodes = self._sample(grid, server_round, c.fraction_train, c.min_train_nodes, "train")
-        self._round["sampled"] = [self.partitions[n] for n in nodes]
-        return self._model_messages(server_round, nodes, MessageType.TRAIN)
+        """Exploration before round 1, then this round's mask and one message per sampled node."""
+        c, r = self.config, server_round + self._offset
+        self._adopt(arrays)
+        if not self._started:
+            self._stage0(grid)
+        self._new_round(r, "train")
+        self._update_mask(r)
+        self._write_back(arrays)
+        if c.fraction_train <= 0:
+            self._sent["train"] = []
+            return []
+        nodes = self._sample(grid, r, c.fraction_train, c.min_train_nodes, "train")
+        self._round["sampled"] = [self.partitions.get(n, -1) for n in nodes]
+        messages = self._model_messages(r, nodes, MessageType.TRAIN, user_config(self.train_config, config, r))
+        self._sent["train"] = messages
+        log(INFO, "configure_train: Sampled %d nodes (out of %d) | mask v%d, density %.3f | down %s",
+            len(nodes), len(list(grid.get_node_ids())), self.mask_version, self._density(), _mb(self._round["bytes_down"]))
+        return messages
+
+    def _density(self) -> float:
+        return self.mask.density() if self.config.prunes else 1.0
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each raw reply (a bad one is rejected, never fatal), average, re-mask, refresh guidance."""
         c = self.config
-        average, stats, losses, accepted = WeightedAverage(), G.UpdateStatistics(), [], []
-        for reply in replies:
+        self._round["train_aggregated"] = True
+        average, stats, contents, accepted, examples = WeightedAverage(), G.UpdateStatistics(), [], [], []
+        fallback_epochs = int(self.train_config.get("local-epochs", 1))
+        for reply in self._replies(self._sent.pop("train", []), replies):
             node = reply.metadata.src_node_id
-            arrays = reply.content.get(P.ARRAYS)
-            if isinstance(arrays, ArrayRecord):
-                self._round["bytes_up"] += record_nbytes(arrays)
             try:
+                content, metrics = self._normalised(reply.content)
+                if isinstance(arrays := content.get(P.ARRAYS), ArrayRecord):
+                    self._round["bytes_up"] += record_nbytes(arrays)
                 result: TrainReply = validate_train_reply(
-                    reply.content, self.layout, self.mask_version, c.transport, c.max_examples,
+                    content, self.layout, self.mask_version, c.transport, c.max_examples,
                     int(c.max_payload_mb * 2**20))
+                delta = {n: result.state[n] - self.state[n] for n in self.structure.prunable}
             except RejectedReply as exc:
                 self._note_failure("rejected", node, str(exc))
+                continue
+            except Exception as exc:  # no single reply can stop a run
+                self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
                 continue
             self.delivered[node] = self.mask_version
             self._round["analytic_bytes_up"] += self.layout.analytic_bytes(False)
             self._round["client_train_seconds"] += result.seconds
             self._round["replied"].append(self.partitions.get(node, -1))
             average.add(result.state, result.num_examples)
-            stats.add({n: result.state[n] - self.state[n] for n in self.structure.prunable}, result.num_examples)
-            losses.append((result.loss, result.num_examples))
+            stats.add(delta, result.num_examples)
+            epochs = metrics.get(P.EPOCHS_RUN, fallback_epochs)
+            examples.append((result.num_examples, epochs if isinstance(epochs, int) and epochs > 0 else fallback_epochs))
             accepted.append(result.num_examples)
+            contents.append(RecordDict({P.METRICS: MetricRecord(
+                {k: v for k, v in metrics.items() if k not in INTERNAL_METRICS or k == self.weighted_by_key})}))
+        log(INFO, "aggregate_train: Received %d results and %d failures (%d rejected) | up %s",
+            len(accepted), len(self._round["dropped"]) + len(self._round["rejected"]), len(self._round["rejected"]),
+            _mb(self._round["bytes_up"]))
+        self._check_progress(len(accepted))
         if len(accepted) < c.min_train_replies:
             log(WARNING, "Round %d: %d valid replies, fewer than min-train-replies=%d; the model is unchanged",
-                server_round, len(accepted), c.min_train_replies)
+                self._round["round"], len(accepted), c.min_train_replies)
             return None, None
         self.state.update(average.result())
         apply_mask(self.state, self.layout.tensor_masks)
-        epochs = int(self.train_config.get("local-epochs", 1))
-        self._round["train_flops"] += self._flops() * sum(accepted) * epochs
+        self._round["train_flops"] += self._flops() * sum(n * e for n, e in examples)
         if c.strategy == "autoflip" and self.scores is not None:
             self.scores = G.refresh(self.scores, stats, c.guidance_decay, c.agreement_weight, c.guidance_norm)
-        loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
-        return self.global_arrays(), MetricRecord({"train-loss": loss, "num-examples": sum(accepted)})
+        try:
+            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        except Exception as exc:  # the user's aggregation must not lose the round's model
+            log(WARNING, "train_metrics_aggr_fn failed (%s: %s); reporting AutoFLIP's metrics only",
+                type(exc).__name__, exc)
+            metrics = MetricRecord()
+        metrics = MetricRecord({**dict(metrics), **self._round_metrics()})
+        return self.global_arrays(), metrics
+
+    def _round_metrics(self) -> dict[str, float | int]:
+        """What AutoFLIP adds to Flower's per-round MetricRecords (and so to the returned Result)."""
+        r = self._round
+        return {"density": self._density(), "mask_version": self.mask_version, "bytes_down": r["bytes_down"],
+                "bytes_up": r["bytes_up"], "train_flops": r["train_flops"]}
+
+    def _normalised(self, content: RecordDict) -> tuple[RecordDict, MetricRecord]:
+        """The reply with its example count under AutoFLIP's key (FedAvg's ``weighted_by_key`` may differ)."""
+        metrics = content.get(P.METRICS)
+        if not isinstance(metrics, MetricRecord):
+            records = list(content.metric_records.values())
+            metrics = records[0] if len(records) == 1 else None
+        if not isinstance(metrics, MetricRecord):
+            raise RejectedReply(f"reply needs one MetricRecord (under {P.METRICS!r})")
+        if self.weighted_by_key != P.NUM_EXAMPLES and self.weighted_by_key in metrics:
+            metrics = MetricRecord({**dict(metrics), P.NUM_EXAMPLES: metrics[self.weighted_by_key]})
+        out = RecordDict({P.METRICS: metrics})
+        if isinstance(arrays := content.get(P.ARRAYS), ArrayRecord):
+            out[P.ARRAYS] = arrays
+        elif len(content.array_records) == 1:
+            out[P.ARRAYS] = next(iter(content.array_records.values()))
+        return out, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        c = self.config
+        c, r = self.config, server_round + self._offset
+        self._sent["evaluate"] = []
         if c.fraction_evaluate <= 0:
             return []
-        nodes = self._sample(grid, server_round, c.fraction_evaluate, 1, "evaluate")
-        return self._model_messages(server_round, nodes, MessageType.EVALUATE)
+        self._adopt(arrays)
+        self._write_back(arrays)
+        nodes = self._sample(grid, r, c.fraction_evaluate, c.min_evaluate_nodes, "evaluate")
+        self._sent["evaluate"] = messages = self._model_messages(
+            r, nodes, MessageType.EVALUATE, user_config(self.evaluate_config, config, r))
+        log(INFO, "configure_evaluate: Sampled %d nodes (out of %d)", len(nodes), len(list(grid.get_node_ids())))
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        totals, count = {"loss": 0.0, "accuracy": 0.0}, 0
-        for reply in replies:
-            m = reply.content.get(P.METRICS)
-            try:
-                if not isinstance(m, MetricRecord):
-                    raise RejectedReply("evaluate reply without metrics")
-                n = example_count(m, self.config.max_examples)
-                values = {k: finite_metric(m, k) for k in totals}
-            except RejectedReply as exc:
-                self._note_failure("rejected", reply.metadata.src_node_id, str(exc))
-                continue
-            self.delivered[reply.metadata.src_node_id] = self.mask_version
-            for k in totals:
-                totals[k] += values[k] * n
-            count += n
-        return MetricRecord({k: v / count for k, v in totals.items()}) if count else None
+        """Aggregate client evaluations (failures filed under the round's ``eval_*``), then close the round."""
+        sent, contents = self._sent.pop("evaluate", []), []
+        self._filing = "eval_"
+        try:
+            for reply in self._replies(sent, replies) if sent else []:
+                node = reply.metadata.src_node_id
+                try:
+                    _, m = self._normalised(reply.content)
+                    example_count(m, self.config.max_examples)
+                    for key in m:
+                        finite_metric(m, key)
+                except RejectedReply as exc:
+                    self._note_failure("rejected", node, str(exc))
+                    continue
+                except Exception as exc:
+                    self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
+                    continue
+                self.delivered[node] = self.mask_version
+                contents.append(RecordDict({P.METRICS: MetricRecord(
+                    {k: v for k, v in m.items() if k != P.NUM_EXAMPLES or k == self.weighted_by_key})}))
+        finally:
+            self._filing = ""
+        failed = self._round["eval_dropped"] + self._round["eval_rejected"]
+        if sent:
+            log(INFO, "aggregate_evaluate: Received %d results and %d failures", len(contents), len(failed))
+        if failed:
+            log(WARNING, "Client evaluation failed on %d of %d nodes: %s", len(failed), len(sent),
+                with_hint(most_common_error(f["reason"] for f in failed)))
+        federated = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
+        if not self._round.get("train_aggregated"):  # a wrapper skipped aggregate_train (e.g. DP on errors)
+            self._check_progress(0)
+        self._round["_federated"] = federated
+        if not self._central_pending:
+            self._finish_round(None, federated)
+        return federated
 
     # ------------------------------------------------------------- checkpoint
     def checkpoint_state(self, server_round: int) -> dict[str, Any]:
@@ -399,7 +652,7 @@ class AutoFLIP(Strategy):
         # An option the checkpoint lacks did not exist when it was written: that run used its default.
         saved = {**asdict(type(self.config)()), **saved}
         differs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in sorted(mine)
-                   if k != "round_timeout" and saved.get(k) != mine[k]]
+                   if k not in RESUME_NEUTRAL and saved.get(k) != mine[k]]
         state, shapes = payload["state"], self.structure.shapes
         differs += [f"tensor {n}: only in the checkpoint" for n in sorted(set(state) - set(shapes))]
         differs += [f"tensor {n}: not in the checkpoint" for n in sorted(set(shapes) - set(state))]
@@ -419,25 +672,47 @@ class AutoFLIP(Strategy):
     # ------------------------------------------------------------------ driver
     def _finish_round(self, evaluation: MetricRecord | None, federated: MetricRecord | None) -> dict[str, Any]:
         r = self._round
-        record = {k: v for k, v in r.items() if not k.startswith("_")}
+        if r.get("_finished"):
+            return r["_finished"]
+        record = {k: v for k, v in r.items() if not k.startswith("_") and k != "train_aggregated"}
         record["seconds"] = time.perf_counter() - r["_t0"]
-        record["density"] = self.mask.density() if self.config.prunes else 1.0
+        record["density"] = self._density()
         record["mask_version"] = self.mask_version
         record["accuracy"] = float(evaluation["accuracy"]) if evaluation and "accuracy" in evaluation else None
         record["loss"] = float(evaluation["loss"]) if evaluation and "loss" in evaluation else None
         if federated is not None:
-            record["client_accuracy"] = float(federated["accuracy"])
-            record["client_loss"] = float(federated["loss"])
+            for ours, theirs in (("client_accuracy", P.EVAL_ACC), ("client_loss", P.EVAL_LOSS)):
+                if theirs in federated:
+                    record[ours] = float(federated[theirs])
         previous = self.history[-1] if self.history else {}
         for key in ("bytes_down", "bytes_up", "analytic_bytes_down", "analytic_bytes_up", "train_flops",
                     "client_train_seconds"):
             record[f"cum_{key}"] = previous.get(f"cum_{key}", 0) + record[key]
+        r["_finished"] = record
         self.history.append(record)
+        log(INFO, "\t└──> AutoFLIP %s %d: density %.3f (mask v%d) | down %s, up %s | %.3g GFLOPs | %d/%d replies",
+            record["phase"], record["round"], record["density"], self.mask_version, _mb(record["bytes_down"]),
+            _mb(record["bytes_up"]), record["train_flops"] / 1e9, len(record["replied"]), len(record["sampled"]))
         if self.checkpoint is not None:
             save_checkpoint(self.checkpoint, self.checkpoint_state(record["round"]))
         if self.on_round:
             self.on_round(record)
         return record
+
+    def _central(self, evaluate_fn: EvaluateFn) -> EvaluateFn:
+        """Flower's central evaluation hook, closing each round's record once its central metrics are in."""
+
+        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                if self._started:  # resumed: the initial model was evaluated and recorded by the first run
+                    return None
+                self._central0 = evaluate_fn(0, arrays)
+                return self._central0
+            evaluation = evaluate_fn(server_round + self._offset, arrays)
+            self._finish_round(evaluation, self._round.get("_federated"))
+            return evaluation
+
+        return central
 
     def start(
         self,
@@ -449,58 +724,40 @@ class AutoFLIP(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
         resume: bool = False,
+        **flower_options: Any,
     ) -> Result:
-        """Stage 0 (exploration, AutoFLIP only), then ``num_rounds`` pruned FL rounds.
+        """Flower's ``Strategy.start`` (exploration happens in round 1's ``configure_train``), plus resume.
 
-        With ``resume`` and an existing checkpoint, continue after its last round.
+        With ``resume`` and an existing checkpoint, continue after its last round. ``timeout`` defaults to
+        ``round-timeout``. Other keyword arguments (e.g. Flower 1.43's ``should_stop``) go to Flower.
         """
         if timeout is not None:
             self.config = replace(self.config, round_timeout=float(timeout))
-        if train_config is not None:
-            self.train_config.update(dict(train_config))
-        initial = initial_arrays.to_torch_state_dict()
-        missing = set(self.structure.shapes) - set(initial)
-        if missing:
-            raise ValueError(f"initial_arrays lack tensors of the model: {sorted(missing)}")
-        self.state = {n: initial[n].detach().float().clone() for n in self.structure.shapes}
-        log(INFO, "Starting AutoFLIP strategy (%s)", self.config.strategy)
-        self.summary()
-        result = Result()
-
-        done = -1
+        self._started, self._offset, self._central0 = False, 0, None
+        self._failed_streak, self._failed_rounds = [], 0
+        initial = initial_arrays
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             done = self.load_checkpoint_state(load_checkpoint(self.checkpoint))
             log(INFO, "Resuming after round %d from %s", done, self.checkpoint)
-        if done < 0:
-            self._new_round(0, "explore" if self.config.strategy == "autoflip" else "init")
-            if self.config.strategy == "autoflip":
-                self.explore(grid)
-            evaluation = evaluate_fn(0, self.global_arrays()) if evaluate_fn else None
-            if evaluation is not None:
-                result.evaluate_metrics_serverapp[0] = evaluation
-            self._finish_round(evaluation, None)
-
-        arrays = None  # the global model as an ArrayRecord: serialised once per round and shared
-        for server_round in range(max(done, 0) + 1, num_rounds + 1):
-            self._new_round(server_round, "train")
-            self._update_mask(server_round)
-            sent = list(self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid))
-            replies = self._replies(sent, grid.send_and_receive(sent, timeout=self.config.round_timeout))
-            arrays, metrics = self.aggregate_train(server_round, replies)
-            arrays = arrays if arrays is not None else self.global_arrays()
-            if metrics is not None:
-                result.train_metrics_clientapp[server_round] = metrics
-            federated = None
-            sent = list(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            if sent:
-                federated = self.aggregate_evaluate(
-                    server_round, self._replies(sent, grid.send_and_receive(sent, timeout=self.config.round_timeout)))
-                if federated is not None:
-                    result.evaluate_metrics_clientapp[server_round] = federated
-            evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            if evaluation is not None:
-                result.evaluate_metrics_serverapp[server_round] = evaluation
-            self._finish_round(evaluation, federated)
-        result.arrays = arrays if arrays is not None else self.global_arrays()
+            self._started, self._offset = True, done
+            initial = self.global_arrays()
+        else:
+            self._adopt(initial_arrays)  # fail before any message if the arrays do not fit the model
+        rounds = num_rounds - self._offset
+        if rounds <= 0:
+            return Result(arrays=self.global_arrays())
+        self._central_pending = evaluate_fn is not None
+        try:
+            result = Strategy.start(self, grid, initial, rounds, self.config.round_timeout, train_config,
+                                    evaluate_config, self._central(evaluate_fn) if evaluate_fn else None,
+                                    **flower_options)
+        finally:
+            self._central_pending = False
+        if not self._started:  # no round ran: still record stage 0
+            self._stage0(grid)
+        if self._offset:
+            for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
+                setattr(result, name, {k + self._offset if k else k: v for k, v in getattr(result, name).items()})
+        if not len(result.arrays):
+            result.arrays = self.global_arrays()
         return result
-
