@@ -5,9 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
-from autoflip_strategy import AutoFLIP, AutoFLIPConfig
+from autoflip_strategy import (AutoFLIP, AutoFLIPClient, AutoFLIPConfig, EvalOutcome, EvalTask, RunFailed,
+                               TrainOutcome, TrainTask)
 from autoflip_strategy import protocol as P
 from autoflip_task.data import load_federated_data
 from autoflip_task.models import build_model, example_input
@@ -231,3 +234,151 @@ def test_federated_evaluation_on_clients_is_recorded():
     assert 0.0 <= strategy.history[1]["client_accuracy"] <= 1.0
     assert sum(1 for _, t in grid.delivered if t == "evaluate") == 3
     assert 1 in result.evaluate_metrics_clientapp
+
+
+# ------------------------------------------------------------- Flower's data flow (issue 12)
+def test_flowers_own_start_explores_prunes_and_reports_bytes_in_the_result():
+    """Flower's base ``Strategy.start`` drives exploration and masks through the hooks alone."""
+    grid = InProcessGrid(client_app, 6, {"local-epochs": 1})
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), fraction_train=0.5,
+                        fraction_evaluate=0.0, explore_epochs=1, sparsity=0.6)
+    result = Strategy.start(strategy, grid, theta0(), num_rounds=2)
+    assert [r["phase"] for r in strategy.history] == ["explore", "train", "train"]
+    assert sum(1 for _, t in grid.delivered if t == P.EXPLORE) == 6
+    assert strategy.history[-1]["density"] == pytest.approx(0.4, abs=0.02)
+    final = result.arrays.to_torch_state_dict()
+    for name, keep in strategy.layout.tensor_masks.items():
+        assert torch.count_nonzero(final[name][~keep]) == 0, name
+    metrics = result.train_metrics_clientapp[2]
+    assert metrics["density"] == pytest.approx(strategy.history[-1]["density"])
+    assert metrics["bytes_up"] == strategy.history[-1]["bytes_up"] > 0 and "train_loss" in metrics
+
+
+def test_differential_privacy_wrapper_composes_and_pruning_stays_intact():
+    """Flower's server-side DP clips the (dense-transport) replies against the masked global model."""
+    grid = InProcessGrid(client_app, 6, {"local-epochs": 1})
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), fraction_train=0.5,
+                        fraction_evaluate=0.0, explore_epochs=1, transport="dense")
+    dp = DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=0.01, clipping_norm=5.0,
+                                                    num_sampled_clients=3)
+    result = dp.start(grid, theta0(), num_rounds=3)
+    h = strategy.history
+    assert [r["phase"] for r in h] == ["explore", "train", "train", "train"]
+    assert all(len(r["replied"]) == 3 and not r["rejected"] for r in h[1:])  # clipped replies keep their zeros
+    assert h[-1]["density"] == pytest.approx(0.5, abs=0.02)
+    assert set(result.train_metrics_clientapp) == {1, 2, 3}
+    # what the clients received was pruned, even though DP noise touched every coordinate of the aggregate
+    for name, keep in strategy.layout.tensor_masks.items():
+        assert torch.count_nonzero(strategy.state[name][~keep]) == 0, name
+
+
+def test_every_client_failing_stops_the_run_with_the_most_common_error():
+    def crash_all(partition, msg, reply):
+        if msg.metadata.message_type in ("train", P.EXPLORE):
+            return Message(Error(code=1, reason="boom" if partition else "other"), reply_to=msg)
+        return reply
+
+    grid = InProcessGrid(client_app, 4, {"local-epochs": 1})
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), fraction_train=1.0,
+                        fraction_evaluate=0.0, explore_epochs=1, max_failed_rounds=3)
+    grid.faults = crash_all
+    with pytest.raises(RunFailed) as err:
+        strategy.start(grid, theta0(), num_rounds=10)
+    assert "boom" in err.value.reason and "other" not in err.value.reason
+    assert [r["round"] for r in strategy.history] == [0, 1, 2]  # exploration counts as a failed round
+    assert all(r["failed"] for r in strategy.history)
+
+
+def test_a_round_with_one_accepted_reply_resets_the_failure_count():
+    def crash_most(partition, msg, reply):
+        if msg.metadata.message_type == "train" and partition:
+            return Message(Error(code=1, reason="boom"), reply_to=msg)
+        return reply
+
+    strategy, _, _ = run(rounds=4, faults=crash_most, fraction_train=1.0, max_failed_rounds=1, nodes=4)
+    assert [len(r["replied"]) for r in strategy.history[1:]] == [1, 1, 1, 1]
+
+
+# ------------------------------------------------------------- FedAvg-shaped constructor
+def test_constructor_takes_fedavgs_arguments_and_defaults_with_one_precedence():
+    model, x = build_model("cnn", SHAPE, 10), example_input(SHAPE, 10)
+    plain = AutoFLIP(model, x)
+    assert (plain.config.fraction_train, plain.config.fraction_evaluate) == (1.0, 1.0)  # FedAvg's defaults
+    assert plain.config.max_failed_rounds == 3
+    layered = AutoFLIP(model, x, AutoFLIPConfig(fraction_train=0.3, sparsity=0.4),
+                       run_config={"fraction-train": 0.4, "sparsity": 0.7, "local-epochs": 3, "lr": 0.05,
+                                   "batch-size": 8},
+                       train_config={"lr": 0.01})
+    assert layered.config.fraction_train == 0.4 and layered.config.sparsity == 0.7  # run config over config
+    assert layered.train_config == {"local-epochs": 3, "lr": 0.01}  # train_config over forwarded run config
+    explicit = AutoFLIP(model, x, run_config={"fraction-train": 0.4}, fraction_train=0.6, min_evaluate_nodes=1,
+                        weighted_by_key="n", arrayrecord_key="a", configrecord_key="c")
+    assert explicit.config.fraction_train == 0.6 and explicit.config.min_evaluate_nodes == 1
+    with pytest.raises(TypeError, match="by keyword"):
+        AutoFLIP(model, x, 0.5)
+    with pytest.raises(TypeError, match="spars1ty"):
+        AutoFLIP(model, x, spars1ty=0.5)
+
+
+# ------------------------------------------------------------- client side
+SEEN: list[tuple[str, int, dict]] = []
+
+
+def _capturing_client() -> ClientApp:
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(16, *SHAPE, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+    def train_fn(model, task: TrainTask) -> TrainOutcome:
+        SEEN.append((task.phase, task.epochs, dict(task.config)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loss = torch.nn.functional.cross_entropy(model(xs), ys)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return TrainOutcome(len(xs), float(loss.detach()))
+
+    def evaluate_fn(model, task: EvalTask) -> EvalOutcome:
+        SEEN.append(("evaluate", task.server_round, dict(task.config)))
+        return EvalOutcome(len(xs), 1.0, 0.5, {"eval_extra": 2.0})
+
+    return AutoFLIPClient(lambda ctx: build_model("cnn", SHAPE, 10), train_fn, evaluate_fn).build_app()
+
+
+def test_user_config_reaches_the_functions_alone_and_local_epochs_follow_the_run_config():
+    SEEN.clear()
+    grid = InProcessGrid(_capturing_client(), 2, {"local-epochs": 3})
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), explore_epochs=1,
+                        run_config={"lr": 0.1}, train_config={"batch": 4}, evaluate_config={"split": "val"})
+    result = strategy.start(grid, theta0(), num_rounds=1, train_config=ConfigRecord({"mine": 1}))
+    train = [cfg for phase, _, cfg in SEEN if phase == "train"]
+    assert train == [{"lr": 0.1, "batch": 4, "mine": 1, "server-round": 1}] * 2
+    assert {epochs for phase, epochs, _ in SEEN if phase == "train"} == {3}  # the node's run config
+    assert [cfg for phase, _, cfg in SEEN if phase == "explore"] == [{"lr": 0.1, "batch": 4, "server-round": 0}] * 2
+    assert [cfg for phase, _, cfg in SEEN if phase == "evaluate"] == [{"split": "val", "server-round": 1}] * 2
+    assert result.evaluate_metrics_clientapp[1]["eval_acc"] == 0.5
+    assert result.evaluate_metrics_clientapp[1]["eval_extra"] == 2.0
+
+
+def test_a_plain_flower_handler_fails_with_an_error_that_names_the_fix():
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):  # a quickstart-style handler, not AutoFLIP's
+        model = build_model("cnn", SHAPE, 10)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict())}), reply_to=msg)
+
+    grid = InProcessGrid(app, 2)
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), strategy="fedavg",
+                        fraction_evaluate=0.0, max_failed_rounds=1)
+    with pytest.raises(RunFailed, match="AutoFLIPClient"):
+        strategy.start(grid, theta0(), num_rounds=2)
+
+    own = ClientApp()
+
+    @own.evaluate()
+    def evaluate(msg, context):
+        return msg
+
+    with pytest.raises(ValueError, match="evaluate_fn"):
+        AutoFLIPClient(lambda ctx: build_model("cnn", SHAPE, 10), lambda m, t: None).register(own)
