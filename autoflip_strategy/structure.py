@@ -300,10 +300,11 @@ def _group_members(graph, tp_group, known: dict, root_size: int) -> tuple[list[M
 
 
 def _group_name(members: tuple[Member, ...], model: nn.Module) -> str:
-    """The layer whose outputs the units are: the first fan-in that is not a depthwise conv."""
+    """The first layer (in module order) whose outputs the units are, depthwise convs aside."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     layers = [m.tensor.rsplit(".", 1)[0] for m in members if m.fan_in]
     plain = [n for n in layers if not is_depthwise(model.get_submodule(n))]
-    return (plain or layers or [members[0].tensor.rsplit(".", 1)[0]])[0]
+    return min(plain or layers or [members[0].tensor.rsplit(".", 1)[0]], key=lambda n: order.get(n, len(order)))
 
 
 def _merge_members(members: list[Member]) -> tuple[Member, ...]:
