@@ -67,3 +67,42 @@ def test_mask_names_and_shapes_are_checked():
     with pytest.raises(ValueError, match="shape"):
         with enforce_mask(model, {"fc2.weight": torch.ones(3, dtype=torch.bool)}):
             pass
+
+
+def test_other_models_optimizers_are_left_alone():
+    """The post-step hook is process-wide; it must act only for optimizers of the wrapped model."""
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[0, 0] = False
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    with enforce_mask(a, {"weight": keep}):
+        with torch.no_grad():
+            a.weight[0, 0] = 5.0  # written by someone else: not ours to undo on b's step
+        b(torch.randn(2, 4)).sum().backward()
+        opt_b.step()
+        assert a.weight[0, 0].item() == 5.0
+        a(torch.randn(2, 4)).sum().backward()
+        opt_a.step()
+        assert a.weight[0, 0].item() == 0.0
+
+
+def test_a_tied_parameter_is_masked_under_any_of_its_names():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.dec = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.dec(self.emb(x))
+
+    model = Tied()
+    keep = torch.rand(5, 3) < 0.5
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    with enforce_mask(model, {"dec.weight": keep}):  # the alias: named_parameters() only lists emb.weight
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(torch.tensor([0, 1, 2])), torch.tensor([1, 2, 3])).backward()
+            optimizer.step()
+    assert model.dec.weight is model.emb.weight
+    assert torch.count_nonzero(model.emb.weight[~keep]) == 0
