@@ -49,3 +49,19 @@ def test_counting_does_not_touch_the_model():
     training_flops_per_example(model, torch.randn(2, 3, 16, 16))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_batchnorm_heads_are_counted_in_eval_mode_on_a_batch_of_two():
+    """A BatchNorm1d head sees one value per channel for one example: train mode would refuse it."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    assert training_flops_per_example(model, torch.randn(1, 4)) == 3 * 2 * (4 * 8 + 8 * 2) - 2 * 4 * 8
+
+
+def test_an_uncountable_model_is_a_null_count_not_an_error():
+    from autoflip_strategy.costs import training_flops_or_none
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no forward for the counter")
+
+    assert training_flops_or_none(Broken(), torch.zeros(2, 3)) is None
