@@ -5,7 +5,8 @@ Client side: :class:`AutoFLIPClient` (registers the handlers on a ``ClientApp``)
 ``train_fn(model, TrainTask) -> TrainOutcome`` and ``evaluate_fn(model, EvalTask) -> EvalOutcome``.
 A run with no accepted client reply for ``max-failed-rounds`` rounds in a row raises :class:`RunFailed`.
 The math lives in small modules: :mod:`.guidance` (what matters),
-:mod:`.masks` (which weights and units to keep), :mod:`.structure` and
+:mod:`.masks` (which weights and units to keep), :mod:`.structure`,
+:mod:`.intake` (what of the user's model is pruned how, checked numerically) and
 :mod:`.compact` (unit couplings and physical surgery), :mod:`.codec` (the
 wire format) and :mod:`.costs` (FLOPs).
 """
@@ -15,6 +16,7 @@ from .codec import CodecError, Layout
 from .config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError, Option, parse_options
 from .enforce import enforce_mask
 from .failures import RunFailed
+from .intake import Intake, IntakeReport, intake_model
 from .masks import HybridMask, compute_hybrid_mask
 from .strategy import AutoFLIP
 from .structure import ModelStructure, UnsupportedModelError, discover_structure
@@ -30,6 +32,8 @@ __all__ = [
     "EvalOutcome",
     "EvalTask",
     "HybridMask",
+    "Intake",
+    "IntakeReport",
     "Layout",
     "ModelStructure",
     "Option",
@@ -42,5 +46,6 @@ __all__ = [
     "compute_hybrid_mask",
     "discover_structure",
     "enforce_mask",
+    "intake_model",
     "parse_options",
 ]
