@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from torch import nn
 
-from autoflip_strategy import AutoFLIPClient, EvalOutcome, TrainOutcome, TrainTask
+from autoflip_strategy import AutoFLIPClient, EvalOutcome, EvalTask, TrainOutcome, TrainTask
 
 from .task import BlobMLP, client_data, evaluate, train
 
@@ -29,8 +29,8 @@ def train_fn(model: nn.Module, task: TrainTask) -> TrainOutcome:
     return TrainOutcome(len(x), loss)
 
 
-def evaluate_fn(model: nn.Module, context: Context) -> EvalOutcome:
-    _, (x, y) = _data(context)
+def evaluate_fn(model: nn.Module, task: EvalTask) -> EvalOutcome:
+    _, (x, y) = _data(task.context)
     loss, acc = evaluate(model, x, y)
     return EvalOutcome(len(x), loss, acc)
 
