@@ -236,3 +236,32 @@ def test_when_every_node_is_absent_all_are_tried_again():
     assert registry.present([1, 2]) == [1, 2]
     registry.seen(1)
     assert registry.present([1, 2]) == [1]
+
+
+# ------------------------------------------------------------------ acceptance (issue 17)
+def test_1000_nodes_99_percent_absent_complete_3_rounds_within_2_timeouts(tmp_path):
+    """The reference ServerApp and ClientApp, 1000 in-process nodes of which 990 never answer anything,
+    round-timeout=60: three rounds complete, and the exchanges that missed replies would have waited at most
+    two round timeouts in all (before: 10 handshake chunks of a full timeout each, then every round again)."""
+    import json
+
+    from runner.inprocess import run_inprocess
+
+    present = set(range(0, 1000, 100))
+    grids = []
+
+    def grid_class(*args, **kwargs):
+        grids.append(QueueingGrid(*args, silent=set(range(1000)) - present, **kwargs))
+        return grids[-1]
+
+    path = run_inprocess({"num-server-rounds": 3, "round-timeout": 60.0, "partitioning": "iid", "local-epochs": 1,
+                          "explore-epochs": 1, "max-eval-examples": 200, "run-name": "absent"},
+                         1000, output_dir=tmp_path, wire=False, grid_class=grid_class)
+    rounds = json.loads(path.read_text())["rounds"]
+    (grid,) = grids
+    assert sum(grid.waited) <= 2 * 60.0, grid.waited
+    print(f"waited {grid.waited} (s) for missing replies")
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for r in rounds:
+        assert set(r["sampled"]) <= present and r["replied"] and set(r["replied"]) <= present, r["round"]
+        assert len(r["absent"]) == 990 and {a["partition"] for a in r["absent"]} == {-1}
