@@ -247,9 +247,11 @@ def trace_structure(
     except Exception as exc:  # noqa: BLE001 - a model Torch-Pruning cannot trace keeps all its units
         left_out["<model>"] = f"tracing failed ({type(exc).__name__}: {exc}): no units are removed"
         tp_groups = []
+    accounted = set(ignored_layers)  # layers whose units are in a group, are outputs, or were named in a reason
     for tp_group in tp_groups:
         root, _ = known.get(tp_group[0][0].target.module, (str(tp_group[0][0].target.module), None))
         root_size = len(tp_group[0][1])
+        accounted |= {known[d.target.module][0] for d, _ in tp_group if d.target.module in known}
         if any(dep.target.module in ignored for dep, _ in tp_group):
             continue
         try:
@@ -262,6 +264,9 @@ def trace_structure(
             left_out[root] = str(exc)
             continue
         groups.append(UnitGroup(_group_name(unique, model), root_size, unique))
+    for name, module in dict(known.values()).items():
+        if isinstance(module, LAYER_TYPES) and name not in accounted:
+            left_out[name] = "tracing found no unit group for its outputs (e.g. its weight is used inside another module's functional forward)"
     structure = ModelStructure(tuple(sorted(groups, key=lambda g: g.name)), prunable_weights(model), shapes, aliases)
     return structure, left_out
 
