@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import autoflip_strategy.config as _strategy_config
 from autoflip_strategy.config import (
     STRATEGY_OPTIONS,
     AutoFLIPConfig,
@@ -38,7 +39,8 @@ APP_OPTIONS: tuple[Option, ...] = (
     Option("weight-decay", 0.0, "Adam L2 weight decay (never revives pruned weights).", low=0.0),
     Option("data-dir", "", "Folder with the dataset's files (IDX .gz, CIFAR-10 tree or tar.gz, tinyshakespeare).",),
     Option("output-dir", "outputs", "Where each run writes its folder with results.json."),
-    Option("run-name", "", "Folder name of this run under output-dir (empty: time-strategy-dataset-seed)."),
+    Option("run-name", "", "Folder name of this run under output-dir: one name, no '/' or '..' (empty: "
+           "time-strategy-dataset-seed)."),
     Option("resume", False, "Continue the run in output-dir/run-name from its last checkpoint."),
     Option("max-eval-examples", 10_000, "Cap on central test examples (keeps evaluation cheap on CPU).", low=1),
     Option("device", "auto", "Where clients train and the server evaluates: auto picks cuda when PyTorch sees a GPU.",
@@ -49,11 +51,12 @@ ALL_OPTIONS: tuple[Option, ...] = APP_OPTIONS + STRATEGY_OPTIONS
 
 
 NEUTRAL_KEYS = frozenset({"data-dir", "output-dir", "run-name", "resume", "device", "num-server-rounds",
-                          "max-eval-examples", "round-timeout", "max-failed-rounds"})
+                          "max-eval-examples"}
+                         | {k.replace("_", "-") for k in getattr(_strategy_config, "RESUME_NEUTRAL", {"round_timeout"})})
 """Keys that do not change the trained model: where data and results live, where it trains (CUDA and CPU
 differ only in float rounding), how long the run goes on (a resume may extend it), how much of the test
-set is scored, how long the server waits or how many failed rounds it tolerates. A resume compares every
-other key."""
+set is scored, plus the strategy's own resume-neutral settings (timeouts, failure tolerance). A resume
+compares every other key."""
 
 
 def check_run_name(run_name: str) -> str:

@@ -35,6 +35,7 @@ import json
 import sys
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class InProcessGrid(Grid):
         }
         self.delivered: list[tuple[int, str]] = []
         self.wire_bytes = {"down": 0, "up": 0}  # serialised messages, when ``wire``
+        self._pushed: dict[str, list[Message]] = {}  # replies to pushed messages, until pulled
 
     # the abstract parts of Grid that a strategy does not use here
     def set_run(self, run):  # pragma: no cover
@@ -93,11 +95,17 @@ class InProcessGrid(Grid):
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver now (as ``send_and_receive``) and keep the replies for :meth:`pull_messages`."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.metadata.message_id or uuid.uuid4().hex  # as Flower's grids
+            ids.append(msg.metadata.message_id)
+            self._pushed[ids[-1]] = list(self.send_and_receive([msg]))
+        return ids
 
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [reply for i in message_ids for reply in self._pushed.pop(i, [])]
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -145,15 +153,17 @@ def load_app(app_dir: Path = REPO_ROOT) -> tuple[ServerApp, ClientApp, dict[str,
 
 
 def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: Path,
-                  app_dir: Path = REPO_ROOT, wire: bool = True) -> Path:
+                  app_dir: Path = REPO_ROOT, wire: bool = True, faults: Fault | None = None,
+                  grid_class: Callable[..., InProcessGrid] | None = None) -> Path:
     """Run the app with ``num_nodes`` in-process nodes; return the ``results.json`` its ServerApp wrote.
 
     Follows ``runner.simulation``'s convention: ``output-dir`` is set to ``output_dir`` and the
     run must end with a ``<output_dir>/<run folder>/results.json`` whose status is ``completed``.
-    The run config is checked as ``runner.simulation`` checks it (:func:`check_run_config`) before
-    the ServerApp starts. Raises :class:`InProcessRunError` when the run did not complete; it
-    carries the results file's reason when the ServerApp recorded one, and the ServerApp's
-    exception as ``__cause__``.
+    ``faults`` replaces node replies as in :class:`InProcessGrid`. The run config is checked as ``runner.simulation`` checks it (:func:`check_run_config`) before
+    the ServerApp starts. A ServerApp error before it wrote any results (a bad config, a
+    checkpoint that does not fit) is raised as it is; a run that started but did not complete
+    raises :class:`InProcessRunError` with the results file's status and reason (the ServerApp's
+    exception as ``__cause__``).
     """
     from runner.simulation import (OUTPUT_DIR_KEY, RESULTS_PATTERN, check_run_config, find_results,
                                    not_completed, resolve_path_keys)
@@ -164,7 +174,7 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
     check_run_config(overrides, app_dir, num_nodes)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {**defaults, **overrides}
-    grid = InProcessGrid(client, num_nodes, config, wire=wire)
+    grid = (grid_class or InProcessGrid)(client, num_nodes, config, faults=faults, wire=wire)  # a test's subclass
     before = find_results(output_dir, RESULTS_PATTERN)
     error: Exception | None = None
     try:
@@ -173,8 +183,9 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
         error = exc
     written = [p for p, mtime in find_results(output_dir, RESULTS_PATTERN).items() if before.get(p) != mtime]
     if not written:
-        what = f"{type(error).__name__}: {error}" if error is not None else f"it wrote no {RESULTS_PATTERN}"
-        raise InProcessRunError(f"the ServerApp failed before writing results under {output_dir}: {what}") from error
+        if error is not None:
+            raise error  # refused before the run started (a bad config, a checkpoint that does not fit)
+        raise InProcessRunError(f"the ServerApp wrote no {RESULTS_PATTERN} under {output_dir}")
     path = max(written, key=lambda p: p.stat().st_mtime_ns)
     why = not_completed(path, None)
     if why is not None or error is not None:
@@ -197,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         path = run_inprocess(overrides, args.num_nodes, output_dir=args.output_dir)
-    except (InProcessRunError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one line and a non-zero exit, whatever stopped the run
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"results: {path} ({time.time() - start:.0f}s)")

@@ -42,9 +42,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def progress_line(r: dict[str, Any]) -> str:
     acc = "  -  " if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    flops = "     n/a" if r["train_flops"] is None else f"{r['train_flops'] / 1e9:8.3f}"
     return (f"[{r['phase']:>7} {r['round']:>3}] acc {acc} density {r['density']:.3f} "
             f"down {r['bytes_down'] / 1e6:7.3f} MB up {r['bytes_up'] / 1e6:7.3f} MB "
-            f"flops {r['train_flops'] / 1e9:8.3f} G replies {len(r['replied'])}/{len(r['sampled'])} "
+            f"flops {flops} G replies {len(r['replied'])}/{len(r['sampled'])} "
             f"{r['seconds']:.1f}s")
 
 
@@ -75,6 +76,30 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+class RunRecord:
+    """A run's ``results.json``: written atomically, and never left saying "running" after an error.
+
+    A fresh run writes it at once (its ``config`` is the record a later resume is checked
+    against); a resume leaves the existing record alone until it has a round of its own."""
+
+    def __init__(self, path: Path, cfg: dict[str, Any], fresh: bool) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"status": "running", "config": cfg, "rounds": []}
+        self.written = False
+        if fresh:
+            self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+        self.written = True
+
+    def fail(self, reason: str) -> None:
+        """Status ``failed`` with the reason; the rounds recorded so far stay."""
+        if self.written:
+            self.data.update(status="failed", reason=reason)
+            self.save()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = app_config(context.run_config)
@@ -82,6 +107,21 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(cfg["output-dir"]).resolve() / run_name
     if cfg["resume"]:
         check_resumable(out_dir, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(out_dir / "results.json", cfg, fresh=not cfg["resume"])
+    print(f"AutoFLIP run {run_name}: writing {record.path}", flush=True)
+    try:
+        train(grid, cfg, out_dir, record)
+    except Exception as exc:  # RunFailed, or any error: never leave a run that looks as if it still ran
+        reason = failure_reason(exc)
+        record.fail(reason)
+        print(f"AutoFLIP run failed: {reason}", flush=True)
+        raise
+    print(f"AutoFLIP run finished: {record.path}", flush=True)
+
+
+def train(grid: Grid, cfg: dict[str, Any], out_dir: Path, record: RunRecord) -> None:
+    """Data, θ₀, strategy, the rounds, then the final model and mask; ``record`` follows every round."""
     data = load_federated_data(cfg["dataset"], cfg["data-dir"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
     name = model_name(cfg)
@@ -89,20 +129,14 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(name, data.input_shape, data.num_classes)  # θ₀ (built on the CPU, so a seed gives one θ₀)
     test_x = data.test_x[: cfg["max-eval-examples"]].to(device)
     test_y = data.test_y[: cfg["max-eval-examples"]].to(device)
+    results = record.data
+    results["model"] = name
+    results["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"status": "running", "config": cfg, "model": name, "rounds": [],
-                               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    written = not cfg["resume"]  # a resume keeps the run's record until it has a round of its own
-    if written:
-        write_json(out_dir / "results.json", results)  # the settings are on disk before any checkpoint
-
-    def on_round(record: dict[str, Any]) -> None:
-        nonlocal written
+    def on_round(round_record: dict[str, Any]) -> None:
         results["rounds"] = strategy.history
-        write_json(out_dir / "results.json", results)
-        written = True
-        print(progress_line(record), flush=True)
+        record.save()
+        print(progress_line(round_record), flush=True)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
@@ -118,20 +152,10 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint=out_dir / "checkpoint.pt",
     )
     results["structure"] = {g.name: g.size for g in strategy.structure.groups}
-    print(f"AutoFLIP run {run_name}: writing {out_dir / 'results.json'}", flush=True)
-    try:
-        result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
-                                evaluate_fn=central_evaluation, resume=cfg["resume"])
-    except Exception as exc:  # RunFailed, or any error: never leave a run that looks as if it still ran
-        reason = failure_reason(exc)
-        if written:
-            results.update(rounds=strategy.history, status="failed", reason=reason)
-            write_json(out_dir / "results.json", results)
-        print(f"AutoFLIP run failed: {reason}", flush=True)
-        raise
+    result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
+                            evaluate_fn=central_evaluation, resume=cfg["resume"])
     torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
     torch.save(strategy.layout.tensor_masks, out_dir / "final_mask.pt")  # keep-masks, global layout
     results["rounds"] = strategy.history  # also when a resumed run had no round left to train
     results["status"] = "completed"
-    write_json(out_dir / "results.json", results)
-    print(f"AutoFLIP run finished: {out_dir / 'results.json'}", flush=True)
+    record.save()

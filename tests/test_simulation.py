@@ -2,7 +2,10 @@
 
 One module-scoped fixture starts two runs *at the same time* (each on its own
 SuperLink, port and FLWR_HOME): a small AutoFLIP run that must complete, and
-one with an invalid run-config value that must fail. The tests then inspect
+one whose ServerApp fails (MNIST from a folder that does not exist) and must
+end ``failed`` with that reason. (An invalid run-config value no longer gets
+that far: the launcher refuses it before starting anything, see
+``tests/test_run_config_attacks.py``.) The tests then inspect
 what each left behind, so the whole file costs about one run's wall time.
 """
 
@@ -85,7 +88,7 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("simulation")
     with ThreadPoolExecutor(2) as pool:
-        bad = pool.submit(_launch, {**CONFIG, "sparsity": 1.5}, root / "bad")
+        bad = pool.submit(_launch, {**CONFIG, "dataset": "mnist", "data-dir": str(root / "no-such-data")}, root / "bad")
         good = pool.submit(_launch, CONFIG, root / "good")
         return Runs(good.result(), bad.result(), root)
 
@@ -182,16 +185,15 @@ def test_final_model_is_pruned(good: tuple[Path, dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------- the bad run
-def test_invalid_value_fails_the_run_and_names_the_key(runs: Runs) -> None:
+def test_a_failing_server_app_fails_the_launcher_with_its_reason(runs: Runs) -> None:
     bad = runs.bad
     assert isinstance(bad.error, RuntimeError), bad.path
     assert isinstance(bad.error, SimulationError)
-    message = str(bad.error)
-    assert "sparsity: 1.5" in message, message  # the ServerApp's ConfigError, via Flower's run status
-    assert "finished:failed" in message
-    # It left no completed results behind.
-    for f in (runs.root / "bad").glob("*/results.json"):
-        assert load_results(f)["status"] != "completed"
+    first = str(bad.error).splitlines()[0]
+    assert "status 'failed'" in first and "no-such-data" in first, first  # the reason the ServerApp recorded
+    (record,) = (runs.root / "bad").glob("*/results.json")
+    results = load_results(record)
+    assert results["status"] == "failed" and "FileNotFoundError" in results["reason"], results
 
 
 def test_runs_in_parallel_do_not_collide(runs: Runs) -> None:
