@@ -25,11 +25,21 @@ What is measured
   peak of each kind of process (these peaks need not coincide).
 * **Seconds**: the ``seconds`` of each stage in ``results.json`` (server wall
   time of the stage, central evaluation on ``max-eval-examples`` included).
-  Exploration (stage 0) also includes the ``query.describe`` handshake, which the
-  strategy sends once to *every* connected node on its first sampling, and the
-  one-time start of the ClientApp actor. With the same number of explorers at
-  every client count, the growth of the exploration stage between the smallest
-  and the largest count, per added node, estimates the handshake's cost.
+  Exploration (stage 0) is the *start-up*: it also holds the ``query.describe``
+  partition handshake and the one-time start of the ClientApp actor. While at
+  most ``handshake-max-nodes`` (default 1000) nodes are connected, the strategy
+  asks every node in one exchange bounded by ``handshake-timeout``; above it,
+  only the nodes a stage samples (``autoflip_strategy/nodes.py`` says why: the
+  simulation engine's cost grows with nodes x messages in flight). With the same
+  number of explorers at every client count, the growth of the exploration stage
+  per added node is the cost of nodes that are *not* sampled.
+* **What stops a count**: a run that fails or times out (``--timeout`` per run)
+  is recorded with the error and the last lines of its output, and larger counts
+  are skipped; the table says so instead of a row of numbers.
+
+Runs at 10 000 and 100 000 clients::
+
+    python -m benchmarks.bench_scale --clients 1000 10000 100000 --rounds 3 --timeout 3600
 
 Ray clusters
 ------------
@@ -103,6 +113,7 @@ class Settings:
     max_eval_examples: int = 1000
     sample_interval: float = 0.25
     timeout: float = 1800.0
+    handshake_max_nodes: int = 1000  # the strategy's default: ask every node up to this many, else sampled ones
 
     @classmethod
     def quick(cls) -> Settings:
@@ -527,7 +538,8 @@ def base_config(s: Settings, dataset: str, data_dir: str, n: int, strategy: str 
             "num-server-rounds": s.rounds, "local-epochs": s.local_epochs, "explore-epochs": s.explore_epochs,
             "batch-size": s.batch_size, "max-eval-examples": s.max_eval_examples,
             "fraction-train": s.per_round / n, "min-train-nodes": s.per_round,
-            "explore-fraction": s.explorers / n, "min-available-nodes": n, "seed": 0, "run-name": "run"}
+            "explore-fraction": s.explorers / n, "min-available-nodes": n, "seed": 0, "run-name": "run",
+            "handshake-max-nodes": s.handshake_max_nodes}
 
 
 def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHead | None,
@@ -542,13 +554,24 @@ def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHe
     t0 = time.monotonic()
     load0 = os.getloadavg()
     sampler.start()
+    tail: list[str] = []  # the last lines of the run's output, for a run that fails
+
+    def sink(line: str) -> None:
+        tail[:] = (tail + [line])[-30:]
+        if line.startswith("[") or line.startswith("AutoFLIP run"):
+            progress.append((round(time.monotonic() - t0, 2), line))
+
     try:
         with ray_address_env(ray_address):
             path = run_simulation(cfg, n, output_dir=out, timeout=s.timeout, client_cpus=s.client_cpus,
-                                  stream_to=lambda line: progress.append((round(time.monotonic() - t0, 2), line))
-                                  if line.startswith("[") or line.startswith("AutoFLIP run") else None)
-    finally:
+                                  stream_to=sink)
+    except Exception as exc:  # what stops this client count: recorded, not raised
         peak = sampler.stop()
+        return {"strategy": cfg["strategy"], "num_clients": n, "failed": f"{type(exc).__name__}: {exc}"[-3000:],
+                "wall_seconds": time.monotonic() - t0, "peak_rss_gib": peak.rss / GIB, "peak_pss_gib": peak.pss / GIB,
+                "timeline": peak.timeline, "progress_lines": progress, "output_tail": tail,
+                "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+    peak = sampler.stop()
     wall = time.monotonic() - t0
     rounds = load_results(path)["rounds"]
     stage0 = rounds[0]
@@ -561,6 +584,9 @@ def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHe
         "sampled_per_round": [len(r["sampled"]) for r in train],
         "replied_per_round": [len(r["replied"]) for r in train],
         "stage0_phase": stage0["phase"], "stage0_seconds": stage0["seconds"],
+        "handshake": "every node" if n <= cfg["handshake-max-nodes"] else "sampled nodes only",
+        "absent_nodes": len(rounds[-1].get("absent", [])),
+        "partition_refused": sum(len(r.get("partition_refused", [])) for r in rounds),
         "train_seconds": [r["seconds"] for r in train],
         "train_seconds_mean": statistics.fmean(r["seconds"] for r in train) if train else float("nan"),
         "client_train_seconds": [r["client_train_seconds"] for r in rounds],
@@ -641,10 +667,12 @@ def _gib(x: float) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
-    runs = [r for r in res["runs"] if r["strategy"] == "autoflip"]
+    failed = [r for r in res["runs"] if "failed" in r]
+    runs = [r for r in res["runs"] if r["strategy"] == "autoflip" and "failed" not in r]
     actors = max(res["machine"]["cpus"] // s["client_cpus"], 1)
+    counts = [str(r["num_clients"]) for r in res["runs"]] + [str(n) for n in res.get("skipped", [])]
     lines = [
-        f"### Scale: AutoFLIP simulations with {', '.join(str(r['num_clients']) for r in runs)} clients",
+        f"### Scale: AutoFLIP simulations with {', '.join(counts)} clients",
         "",
         f"{s['dataset']} iid, CNN, {s['explorers']} explorers and {s['per_round']} trainers per round at every "
         f"client count, {s['rounds']} round(s), local-epochs {s['local_epochs']}, explore-epochs "
@@ -654,8 +682,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| clients | examples / client | explorers (fraction) | trained / round (fraction) | peak RSS GiB "
         "| peak PSS GiB | simulation proc RSS GiB | Ray actors RSS GiB | Ray system RSS GiB "
-        "| exploration s | train s / round | run wall s | CPU s simulation proc / actors | load avg |",
-        "|" + "---|" * 14,
+        "| partition handshake | exploration (start-up) s | train s / round | run wall s "
+        "| CPU s simulation proc / actors | load avg |",
+        "|" + "---|" * 15,
     ]
     for r in runs:
         by, cpu = r["peak_rss_gib_by_kind"], r["cpu_seconds_by_kind"]
@@ -665,7 +694,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {r['num_clients']} | {r['examples_per_client']:.1f} | {r['explorers']} ({r['explore_fraction']:.1%}) "
             f"| {max(r['sampled_per_round'], default=0)} ({r['fraction_train']:.1%}) | {_gib(r['peak_rss_gib'])} "
             f"| {_gib(r['peak_pss_gib'])} | {_gib(by.get(SIM_KIND, 0))} | {_gib(by.get(ACTOR_KIND, 0))} "
-            f"| {_gib(by.get('ray system', 0))} | {r['stage0_seconds']:.1f} | {r['train_seconds_mean']:.2f} ({train}) "
+            f"| {_gib(by.get('ray system', 0))} | {r.get('handshake', 'every node')} | {r['stage0_seconds']:.1f} | {r['train_seconds_mean']:.2f} ({train}) "
             f"| {r['wall_seconds']:.0f} | {cpu.get(SIM_KIND, 0):.0f} / {cpu.get(ACTOR_KIND, 0):.0f} | {load:.1f} |")
     if len(runs) >= 2:
         lo, hi = runs[0], runs[-1]
@@ -674,13 +703,21 @@ def markdown(res: dict[str, Any]) -> str:
                       f"({(hi['peak_pss_gib'] / lo['peak_pss_gib'] - 1):+.1%}); peak RSS "
                       f"{hi['peak_rss_gib']:.2f} vs {lo['peak_rss_gib']:.2f} GiB "
                       f"({(hi['peak_rss_gib'] / lo['peak_rss_gib'] - 1):+.1%})."]
+    for r in failed:
+        lines += ["", f"**{r['num_clients']} clients: stopped** after {r['wall_seconds']:.0f} s (peak PSS "
+                      f"{r['peak_pss_gib']:.2f} GiB): {r['failed']}"]
+        if r.get("output_tail"):
+            lines += ["", "Its last output lines:", "", "```", *r["output_tail"][-12:], "```"]
+    if res.get("skipped"):
+        lines += ["", f"Not run after that: {', '.join(map(str, res['skipped']))} clients."]
     est = res.get("describe_estimate")
     if est:
-        lines += ["", f"`query.describe` handshake (sent once per run to every node, inside the exploration "
-                      f"stage): exploration grows by {1000 * est['seconds_per_node']:.1f} ms per added node from "
-                      f"{est['from_clients']} to {est['to_clients']} clients (same explorers), i.e. about "
-                      f"{est['seconds_at_max']:.0f} s for all {est['to_clients']} nodes. Exploration also holds the "
-                      f"one-time start of the ClientApp actor (imports, data loading), the same at every count."]
+        lines += ["", f"Start-up per added node: exploration (which holds the `query.describe` partition handshake: "
+                      f"with every node up to handshake-max-nodes={s.get('handshake_max_nodes', 1000)}, with the "
+                      f"sampled nodes only above it) grows by {1000 * est['seconds_per_node']:.2f} ms per added node "
+                      f"from {est['from_clients']} to {est['to_clients']} clients (same explorers). Exploration also "
+                      f"holds the one-time start of the ClientApp actor (imports, data loading), the same at every "
+                      f"count."]
     sweeps = res.get("engine_sweeps") or []
     if sweeps:
         lines += ["", "Flower 1.41's simulation engine polls every node for messages every 0.1 s, and each poll "
@@ -698,7 +735,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "RSS sums count shared pages (torch libraries) once per process; PSS divides them among the "
                   "processes sharing them and is the better total. Per-kind columns are each kind's own peak. "
                   "Seconds are server wall time per stage from results.json (central evaluation included); "
-                  "exploration includes the one-time `query.describe` handshake to every node. The machine has "
+                  "exploration includes the partition handshake. The machine has "
                   f"{res['machine']['cpus']} cores shared with other work (load average column: mean of the "
                   "1-minute load before and after the run), so wall times are noisy; CPU seconds are less so."]
     for note in res["notes"]:
@@ -739,22 +776,29 @@ def run(s: Settings, out: Path, ray_address: str | None = None, ray_head: bool =
             ray_address = head.start()
             print(f"private Ray head at {ray_address} (temp dir {head.temp_dir})", flush=True)
         res["ray_address"] = ray_address
-        for n in s.client_counts:
+        for i, n in enumerate(s.client_counts):
             print(f"[scale] {n} clients ...", flush=True)
             row = measure_run(s, base_config(s, dataset, data_dir, n), n, runs_dir / f"autoflip-{n}", head,
                               ray_address)
             res["runs"].append(row)
+            if "failed" in row:
+                print(f"[scale] {n} clients FAILED after {row['wall_seconds']:.0f} s: {row['failed']}", flush=True)
+                res["skipped"] = list(s.client_counts[i + 1:])
+                break
             print(f"[scale] {n} clients: peak RSS {row['peak_rss_gib']:.2f} GiB, PSS {row['peak_pss_gib']:.2f} GiB, "
                   f"exploration {row['stage0_seconds']:.1f} s, train {row['train_seconds_mean']:.2f} s/round, "
                   f"wall {row['wall_seconds']:.0f} s", flush=True)
-        autoflip = [r for r in res["runs"] if r["strategy"] == "autoflip"]
+        autoflip = [r for r in res["runs"] if r["strategy"] == "autoflip" and "failed" not in r]
         if len(autoflip) >= 2:
             lo, hi = autoflip[0], autoflip[-1]
             per_node = (hi["stage0_seconds"] - lo["stage0_seconds"]) / (hi["num_clients"] - lo["num_clients"])
             res["describe_estimate"] = {"from_clients": lo["num_clients"], "to_clients": hi["num_clients"],
                                         "seconds_per_node": per_node,
                                         "seconds_at_max": per_node * hi["num_clients"]}
-        pairs = tuple(p for n in s.client_counts for p in ((n, s.per_round), (n, n)))
+        # (nodes, messages in flight): a stage's sample, and a full handshake where the strategy sends one
+        # (a pass at 10 000 nodes x 10 000 messages would take minutes of CPU)
+        pairs = tuple(p for n in s.client_counts
+                      for p in ((n, s.per_round),) + (((n, n),) if n <= s.handshake_max_nodes else ()))
         res["engine_sweeps"] = engine_sweep_costs(pairs)
     finally:
         if head is not None:
@@ -772,6 +816,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, help="training rounds after exploration (default 3)")
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "digits"), help="default mnist")
     parser.add_argument("--client-cpus", type=int, help="client-resources-num-cpus (default 2: one actor)")
+    parser.add_argument("--timeout", type=float, help="seconds per run before it counts as stopped (default 1800)")
+    parser.add_argument("--handshake-max-nodes", type=int,
+                        help="the strategy's handshake-max-nodes (default 1000; e.g. 100000 to time a full handshake)")
     ray = parser.add_mutually_exclusive_group()
     ray.add_argument("--ray-address", metavar="auto|HOST:PORT",
                      help="run on an existing Ray cluster (sets RAY_ADDRESS for the simulation); "
@@ -783,7 +830,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = Settings.quick() if args.quick else Settings()
     overrides = {k: v for k, v in (("client_counts", tuple(args.clients) if args.clients else None),
                                    ("rounds", args.rounds), ("dataset", args.dataset),
-                                   ("client_cpus", args.client_cpus)) if v is not None}
+                                   ("client_cpus", args.client_cpus), ("timeout", args.timeout),
+                                   ("handshake_max_nodes", args.handshake_max_nodes)) if v is not None}
     if overrides:
         s = Settings(**(asdict(s) | overrides))
     address = resolve_ray_address(args.ray_address) if args.ray_address else None

@@ -12,6 +12,7 @@ name ``ClientAppActor``. The head is then stopped by its own process ids
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -118,3 +119,20 @@ def test_quick_benchmark_on_external_ray_cluster(ray_head: B.RayHead, tmp_path: 
     # ... and ClientApp actors of that job ran on the head's node
     logs = glob.glob(str(ray_head.session_logs() / f"worker-*-{jobs[0]['job_id']}-*.out"))
     assert any(":actor_name:ClientAppActor" in Path(p).read_text(errors="replace") for p in logs), logs
+
+
+def test_a_stopped_client_count_is_reported_with_its_reason() -> None:
+    """The table names what stopped a count (and the counts not run after it) instead of numbers."""
+    ok = {"strategy": "autoflip", "num_clients": 1000, "examples_per_client": 10.0, "explorers": 10,
+          "explore_fraction": 0.01, "sampled_per_round": [10], "fraction_train": 0.01, "peak_rss_gib": 3.0,
+          "peak_pss_gib": 2.5, "peak_rss_gib_by_kind": {}, "cpu_seconds_by_kind": {}, "train_seconds": [5.0],
+          "train_seconds_mean": 5.0, "stage0_seconds": 30.0, "wall_seconds": 90.0, "loadavg_before": [2.0] * 3,
+          "loadavg_after": [2.0] * 3, "handshake": "every node"}
+    stopped = {"strategy": "autoflip", "num_clients": 100_000, "failed": "SimulationError: timed out after 3600 s",
+               "wall_seconds": 3600.0, "peak_rss_gib": 9.0, "peak_pss_gib": 8.0, "output_tail": ["last line"]}
+    res = {"settings": dataclasses.asdict(B.Settings()), "machine": {"cpus": 2}, "runs": [ok, stopped],
+           "skipped": [200_000], "notes": []}
+    text = B.markdown(res)
+    assert "| 1000 |" in text and "| every node |" in text
+    assert "**100000 clients: stopped** after 3600 s" in text and "timed out after 3600 s" in text
+    assert "last line" in text and "Not run after that: 200000 clients." in text
