@@ -215,6 +215,7 @@ class NodeRegistry:
         """
         if not nodes:
             return []
+        connected = set(connected)
         sent = [describe_message(n) for n in nodes]
         start = time.perf_counter()
         kept, _ = one_reply_per_node(sent, grid.send_and_receive(sent, timeout=timeout))
