@@ -89,6 +89,8 @@ PATH_KEYS = ("data-dir", OUTPUT_DIR_KEY)
 """Run-config keys that name folders: resolved against the caller's working directory, since the
 ServerApp runs in a folder of Flower's own."""
 MIN_NODES_KEY = "min-available-nodes"
+REFERENCE_SERVERAPP = "server_app.app:app"
+"""The reference ServerApp: launchers parse its whole run config up front (``autoflip_task.config``)."""
 TAIL_LINES = 60
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -190,6 +192,13 @@ def load_results(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def serverapp_component(app_dir: Path) -> str | None:
+    """The app's ``serverapp`` reference (``module:attribute``) from its ``pyproject.toml``."""
+    with (Path(app_dir) / "pyproject.toml").open("rb") as f:
+        app = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {})
+    return app.get("components", {}).get("serverapp")
+
+
 def app_defaults(app_dir: Path) -> dict[str, Any]:
     """The app's declared run config (``[tool.flwr.app.config]``), which Flower merges under the overrides."""
     with (Path(app_dir) / "pyproject.toml").open("rb") as f:
@@ -227,7 +236,7 @@ def check_run_config(overrides: Mapping[str, Any], app_dir: Path, num_nodes: int
     for value in overrides.values():
         toml_value(value)  # a TypeError now rather than after the SuperLink started
     merged = {**defaults, **overrides}
-    if Path(app_dir).resolve() == REPO_ROOT:
+    if serverapp_component(app_dir) == REFERENCE_SERVERAPP:  # this project's app, or a copy of it
         from autoflip_task.config import app_config  # imports torch: only for the reference app
 
         app_config(merged)

@@ -205,3 +205,22 @@ def test_a_run_whose_clients_all_fail_ends_failed_with_the_reason(tmp_path: Path
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]  # what it learned is kept
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["round"] == 2
     assert not (tmp_path / "r" / "final_model.pt").exists()
+
+
+def test_the_launchers_see_the_final_record_and_its_reason(tmp_path: Path) -> None:
+    """What the 30 s grace after the ServerApp's last write and the launchers' error message rest on."""
+    from runner.simulation import final_record, find_results, not_completed
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"status": "completed"}))
+    before = find_results(tmp_path)
+    path = tmp_path / "r" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"status": "running"}))
+    assert final_record(tmp_path, before, []) is None  # still running: no grace yet
+    path.write_text(json.dumps({"status": "failed", "reason": "every sampled client failed: OOM"}))
+    assert final_record(tmp_path, before, [f"AutoFLIP run r: writing {path}"]) == path.resolve()
+    why = not_completed(path, "running")
+    assert why is not None and "'failed'" in why and "every sampled client failed: OOM" in why
+    path.write_text(json.dumps({"status": "completed"}))
+    assert not_completed(path, None) is None
