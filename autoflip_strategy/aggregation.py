@@ -73,7 +73,7 @@ def train_seconds(metrics: MetricRecord) -> float:
 
 
 def validate_train_reply(content: RecordDict, layout: Layout, mask_version: int, transport: str,
-                         max_examples: int, max_bytes: int) -> TrainReply:
+                         max_examples: int, max_bytes: int, precision: str = "float32") -> TrainReply:
     """Decode one training reply into the global layout, or raise :class:`RejectedReply`."""
     arrays, metrics = content.get(P.ARRAYS), content.get(P.METRICS)
     if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
@@ -82,7 +82,7 @@ def validate_train_reply(content: RecordDict, layout: Layout, mask_version: int,
     if metrics.get(P.MASK_VERSION) != mask_version:
         raise RejectedReply(f"trained under mask version {metrics.get(P.MASK_VERSION)!r}, expected {mask_version}")
     try:
-        compact = decode_state(arrays, layout, transport, max_bytes)
+        compact = decode_state(arrays, layout, transport, max_bytes, precision)
     except CodecError as exc:
         raise RejectedReply(str(exc)) from None
     return TrainReply(layout.to_global(compact), n, finite_metric(metrics, P.TRAIN_LOSS), train_seconds(metrics))

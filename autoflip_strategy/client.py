@@ -8,7 +8,9 @@ One training message, as the client sees it:
    the user's architecture (:func:`.compact.compact_model`);
 3. run the user's ``train_fn`` inside :func:`.enforce.enforce_mask`, so pruned
    weights stay exactly zero whatever optimizer the user picks;
-4. reply with the kept values only (:func:`.codec.encode_state`).
+4. reply with the kept values only (:func:`.codec.encode_update`), at the
+   ``value-precision`` the server asks for; at int8 with stochastic rounding and
+   error feedback, the residual kept in ``context.state`` (see :mod:`.quantise`).
 
 The user's functions have one signature style, ``fn(model, task) -> outcome``::
 
@@ -38,13 +40,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from . import protocol as P
-from .codec import Layout, decode_mask, decode_state, encode_guidance, encode_state
+from .codec import Layout, decode_mask, decode_state, encode_guidance, encode_update
 from .compact import compact_model
 from .enforce import enforce_mask
 from .guidance import local_guidance
@@ -53,6 +56,7 @@ from .structure import ModelStructure, prunable_weights, structure_from_json
 
 _STATE_KEY = "autoflip"  # context.state: ConfigRecord with version + structure, ArrayRecord with the mask
 EPOCHS_KEY = "local-epochs"  # read from the message config, else the run config (Flower's templates)
+_FEEDBACK_KEY = "autoflip.feedback"  # context.state: int8 residuals (ArrayRecord) and what they belong to (".of")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,26 @@ def split_config(msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
     ours = dict(settings)
     user = msg.content.get(str(ours.get(P.CONFIG_KEY, P.CONFIG)))
     return ours, dict(user) if isinstance(user, ConfigRecord) else {}
+
+
+def value_precision(cfg: Mapping[str, Any]) -> str:
+    """The precision of model values in this message (float32 from a server that does not say)."""
+    return str(cfg.get(P.VALUE_PRECISION, "float32"))
+
+
+def load_residual(context: Context, belongs_to: str) -> dict[str, np.ndarray] | None:
+    """The error-feedback residual kept for ``belongs_to`` (mask version, transport, precision), if any."""
+    meta, record = context.state.get(_FEEDBACK_KEY + ".of"), context.state.get(_FEEDBACK_KEY)
+    if not isinstance(meta, ConfigRecord) or meta.get("key") != belongs_to or not isinstance(record, ArrayRecord):
+        return None  # none yet, or another layout: start from zero
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def keep_residual(context: Context, belongs_to: str, residual: Mapping[str, np.ndarray]) -> None:
+    """Remember what this reply could not carry, for the next reply under the same layout."""
+    context.state[_FEEDBACK_KEY] = ArrayRecord(array_dict={n: Array(np.ascontiguousarray(r))
+                                                           for n, r in residual.items()})
+    context.state[_FEEDBACK_KEY + ".of"] = ConfigRecord({"key": belongs_to})
 
 
 def _metrics(base: Mapping[str, float | int], extra: Mapping[str, float]) -> MetricRecord:
@@ -217,7 +241,15 @@ class AutoFLIPClient:
         metrics = _metrics({weight_key: int(outcome.num_examples), P.TRAIN_LOSS: float(outcome.loss),
                             P.TRAIN_SECONDS: seconds, P.EPOCHS_RUN: epochs,
                             P.MASK_VERSION: int(cfg[P.MASK_VERSION])}, outcome.metrics)
-        arrays = encode_state(state, layout, str(cfg[P.TRANSPORT]))
+        transport, precision = str(cfg[P.TRANSPORT]), value_precision(cfg)
+        if precision == "int8":  # stochastic rounding, error feedback
+            belongs_to = f"{int(cfg[P.MASK_VERSION])}:{transport}:{precision}"
+            rng = np.random.default_rng([client_seed(int(cfg[P.SEED]), server_round, context), 8])
+            arrays, residual = encode_update(state, layout, transport, precision, rng,
+                                             load_residual(context, belongs_to))
+            keep_residual(context, belongs_to, residual)
+        else:
+            arrays, _ = encode_update(state, layout, transport, precision)
         return Message(RecordDict({P.ARRAYS: arrays, P.METRICS: metrics}), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
@@ -244,7 +276,8 @@ class AutoFLIPClient:
         if shapes != structure.shapes:
             raise ClientProtocolError("the server's model structure does not match this client's model")
         compact = compact_model(model, layout.kept)
-        compact.load_state_dict(decode_state(msg.content[P.MODEL], layout, transport), strict=False)
+        compact.load_state_dict(decode_state(msg.content[P.MODEL], layout, transport,
+                                             precision=value_precision(cfg)), strict=False)
         return compact, layout
 
     def _mask(self, msg: Message, context: Context, cfg: Mapping[str, Any], version: int,

@@ -13,6 +13,14 @@ zeros at pruned coordinates, and raises :class:`CodecError` on any violation.
 Bytes become arrays only through :func:`_read_npy`: a strict ``.npy`` parser
 (no zip archives, no pickles, no trailing bytes), behind an optional per-array
 byte cap (``max_bytes``) that every decoder accepts.
+
+``value-precision`` (:mod:`.quantise`): at ``float16`` / ``int8`` each prunable
+tensor travels as codes of that dtype (same length or shape as its float32
+form) and all their block scales as one float32 array under :data:`SCALES`
+(one header, not one per tensor), in ``structure.prunable`` order. The decoder
+checks the codes' range ([-1, 1] for float16, [-127, 127] for int8), that every
+scale is finite, positive and at most :data:`~.quantise.MAX_VALUE_SCALE`, and
+that the decoded values are finite. Non-prunable tensors stay float32.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from .masks import HybridMask, remove_units, tensor_masks
+from .quantise import (CODE_DTYPE, CODE_MAX, MAX_VALUE_SCALE, dequantise, is_quantised, num_blocks, quantise,
+                       quantise_with_feedback, value_bits)
 from .structure import ModelStructure, kept_entries, scatter, select
 
 TRANSPORTS = ("sparse", "dense")
@@ -38,6 +48,7 @@ NO_LIMIT = 2**62
 # float16 guidance scales: large enough for any real guidance, small enough that
 # the largest float16 (65504) times the scale is still a finite float32
 MAX_GUIDANCE_SCALE = float(np.finfo(np.float32).max) / float(np.finfo(np.float16).max) / 2
+SCALES = "autoflip/scales"  # block scales of a quantised payload; a "/" never occurs in a state-dict name
 
 
 class CodecError(ValueError):
@@ -71,9 +82,15 @@ class Layout:
         return sum(int(self.compact_masks[n].sum()) if n in prunable else int(np.prod(s))
                    for n, s in self.compact_shapes.items())
 
-    def analytic_bytes(self, with_mask: bool) -> int:
-        """32 bits per value sent, plus 1 bit per prunable weight when the mask travels."""
-        bits = 32 * self.kept_values()
+    def kept_counts(self) -> dict[str, int]:
+        """Kept values per prunable tensor (the length of its sparse value vector)."""
+        return {n: int(self.compact_masks[n].sum()) for n in self.structure.prunable}
+
+    def analytic_bytes(self, with_mask: bool, precision: str = "float32") -> int:
+        """b bits per kept prunable value (+32 per block scale when quantised), 32 per other value sent,
+        plus 1 bit per prunable weight and unit when the mask travels (headers not counted)."""
+        kept = self.kept_counts()
+        bits = sum(value_bits(k, precision) for k in kept.values()) + 32 * (self.kept_values() - sum(kept.values()))
         if with_mask:
             bits += self.structure.num_prunable + sum(g.size for g in self.structure.groups)
         return (bits + 7) // 8
@@ -168,41 +185,107 @@ def _check_names(record: ArrayRecord, expected: set[str], what: str) -> None:
         raise CodecError(f"{what}: unexpected tensors {extra}, missing tensors {missing}")
 
 
-def encode_state(compact: Mapping[str, torch.Tensor], layout: Layout, transport: str = "sparse") -> ArrayRecord:
-    """Serialise a compact-layout state dict (float32) for the wire."""
+def _wire_values(compact: Mapping[str, torch.Tensor], layout: Layout, transport: str) -> dict[str, np.ndarray]:
+    """The float32 arrays of a payload as they go on the wire at float32 precision."""
     prunable = set(layout.structure.prunable)
-    arrays: dict[str, Array] = {}
+    out: dict[str, np.ndarray] = {}
     for name in layout.structure.shapes:
         t = compact[name].detach().float()
         if transport == "dense":
-            full = layout.to_global({name: t})[name] if name in layout.kept else t
-            arrays[name] = _array(full)
+            t = layout.to_global({name: t})[name] if name in layout.kept else t
         elif name in prunable:
-            arrays[name] = _array(t[layout.compact_masks[name]])
+            t = t[layout.compact_masks[name]]
+        out[name] = t.cpu().numpy()
+    return out
+
+
+def encode_state(compact: Mapping[str, torch.Tensor], layout: Layout, transport: str = "sparse",
+                 precision: str = "float32") -> ArrayRecord:
+    """Serialise a compact-layout state dict (float32) for the wire; quantised values round to nearest."""
+    record, _ = encode_update(compact, layout, transport, precision)
+    return record
+
+
+def encode_update(compact: Mapping[str, torch.Tensor], layout: Layout, transport: str = "sparse",
+                  precision: str = "float32", rng: np.random.Generator | None = None,
+                  residual: Mapping[str, np.ndarray] | None = None) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+    """A client's reply: like :func:`encode_state`, with stochastic rounding (``rng``) and error feedback.
+
+    Returns the record and the new residuals (prunable tensors, wire layout; empty at float32).
+    ``residual`` is what the previous reply under the same layout could not carry.
+    """
+    values = _wire_values(compact, layout, transport)
+    arrays: dict[str, Array] = {}
+    scales, new_residual = [], {}
+    quantised = is_quantised(precision)
+    for name, value in values.items():
+        if quantised and name in layout.compact_masks:
+            if rng is not None:
+                codes, block, new_residual[name] = quantise_with_feedback(
+                    value, (residual or {}).get(name), precision, rng)
+            else:
+                codes, block = quantise(value, precision)
+            arrays[name] = _array(codes)
+            scales.append(block)
         else:
-            arrays[name] = _array(t)
-    return ArrayRecord(array_dict=arrays)
+            arrays[name] = _array(value)
+    if quantised:
+        arrays[SCALES] = _array(np.concatenate(scales) if scales else np.zeros(0, dtype=np.float32))
+    return ArrayRecord(array_dict=arrays), new_residual
+
+
+def _scales(record: ArrayRecord, layout: Layout, transport: str, limit: int) -> dict[str, np.ndarray]:
+    """Each prunable tensor's block scales: finite, positive and at most ``MAX_VALUE_SCALE``."""
+    shapes = layout.structure.shapes
+    kept = layout.kept_counts()
+    counts = {n: kept[n] if transport == "sparse" else math.prod(shapes[n]) for n in layout.structure.prunable}
+    total = sum(num_blocks(c) for c in counts.values())
+    scales = _take(record, SCALES, "float32", (total,), limit)
+    if total and not (float(scales.min()) > 0 and float(scales.max()) <= MAX_VALUE_SCALE):
+        raise CodecError(f"{SCALES!r}: scales must lie in (0, {MAX_VALUE_SCALE:.3g}]")
+    out, start = {}, 0
+    for name, count in counts.items():
+        out[name] = scales[start:start + num_blocks(count)]
+        start += num_blocks(count)
+    return out
+
+
+def _take_values(record: ArrayRecord, name: str, shape: tuple[int, ...], precision: str,
+                 scales: Mapping[str, np.ndarray], limit: int) -> np.ndarray:
+    """One tensor's float32 values: read as they are, or decoded from range-checked codes and scales."""
+    if name not in scales:
+        return _take(record, name, "float32", shape, limit)
+    codes = _take(record, name, CODE_DTYPE[precision], shape, limit)
+    if codes.size and float(np.abs(codes.astype(np.float32)).max()) > CODE_MAX[precision]:
+        raise CodecError(f"{name!r}: {precision} codes must lie in [-{CODE_MAX[precision]:g}, "
+                         f"{CODE_MAX[precision]:g}]")
+    values = dequantise(codes, scales[name], precision)
+    if not np.isfinite(values).all():  # cannot happen under the scale bound; kept as the invariant
+        raise CodecError(f"{name!r}: code times scale is not finite")
+    return values
 
 
 def decode_state(record: ArrayRecord, layout: Layout, transport: str = "sparse",
-                 max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+                 max_bytes: int | None = None, precision: str = "float32") -> dict[str, torch.Tensor]:
     """Validate and deserialise a state from the wire into the compact layout."""
     structure = layout.structure
-    _check_names(record, set(structure.shapes), "model payload")
+    quantised = is_quantised(precision)
+    _check_names(record, set(structure.shapes) | ({SCALES} if quantised else set()), "model payload")
     limit = max_bytes if max_bytes is not None else NO_LIMIT
     prunable = set(structure.prunable)
+    scales = _scales(record, layout, transport, limit) if quantised else {}
     global_masks = layout.tensor_masks if transport == "dense" else {}
     out: dict[str, torch.Tensor] = {}
     for name, shape in structure.shapes.items():
         if transport == "dense":
-            value = torch.from_numpy(_take(record, name, "float32", shape, limit))
+            value = torch.from_numpy(_take_values(record, name, shape, precision, scales, limit))
             mask = global_masks.get(name)
             if mask is not None and bool((value[~mask] != 0).any()):
                 raise CodecError(f"{name!r}: non-zero values at pruned coordinates")
             out[name] = select(value, layout.kept[name]) if name in layout.kept else value
         elif name in prunable:
             cmask = layout.compact_masks[name]
-            values = _take(record, name, "float32", (int(cmask.sum()),), limit)
+            values = _take_values(record, name, (int(cmask.sum()),), precision, scales, limit)
             full = torch.zeros(cmask.shape, dtype=torch.float32)
             full[cmask] = torch.from_numpy(values)
             out[name] = full

@@ -74,6 +74,9 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
            choices=("examples", "uniform")),
     Option("guidance-precision", "float32", "Precision of exploration uplink (float16 is scaled per tensor).",
            choices=("float32", "float16")),
+    Option("value-precision", "float32", "Precision of the kept weight values on the wire, both directions: "
+           "float16 or int8 codes with one float32 scale per 64 values (int8 uplink: stochastic rounding and "
+           "error feedback); the server keeps float32 weights.", choices=("float32", "float16", "int8")),
     Option("guidance-norm", "mean", "Per-tensor normalisation of guidance before the global ranking.",
            choices=("mean", "max", "none")),
     Option("guidance-decay", 0.8, "Weight of the previous guidance when the round's updates refresh it.", low=0.0, high=1.0),
@@ -131,6 +134,7 @@ class AutoFLIPConfig:
     explore_patience: int = 1
     explore_weighting: str = "examples"
     guidance_precision: str = "float32"
+    value_precision: str = "float32"
     guidance_norm: str = "mean"
     guidance_decay: float = 0.8
     agreement_weight: float = 0.5

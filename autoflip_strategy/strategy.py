@@ -200,9 +200,9 @@ class AutoFLIP(Strategy):
         log(INFO, "\t│\t├── Weighted by: '%s'", self.weighted_by_key)
         log(INFO, "\t│\t├── ArrayRecord key: '%s'", self.arrayrecord_key)
         log(INFO, "\t│\t└── ConfigRecord key: '%s'", self.configrecord_key)
-        log(INFO, "\t├──> Method: %s | sparsity %.2f (structured %.2f) | transport %s | max failed rounds %d",
-            c.strategy, c.sparsity if c.prunes else 0.0, c.structured_sparsity if c.prunes else 0.0, c.transport,
-            c.max_failed_rounds)
+        log(INFO, "\t├──> Method: %s | sparsity %.2f (structured %.2f) | transport %s, values %s | max failed "
+            "rounds %d", c.strategy, c.sparsity if c.prunes else 0.0, c.structured_sparsity if c.prunes else 0.0,
+            c.transport, c.value_precision, c.max_failed_rounds)
         log(INFO, "\t├──> Units: %s", ", ".join(f"{g.name}[{g.size}]" for g in self.structure.groups))
         log(INFO, "\t└──> Prunable weights: %d in %d tensors", self.structure.num_prunable, len(self.structure.prunable))
 
@@ -276,7 +276,8 @@ class AutoFLIP(Strategy):
     def _settings(self, server_round: int, node: int, **extra: Any) -> ConfigRecord:
         """AutoFLIP's own keys for one node's message (the structure travels with a new mask version)."""
         cfg = {P.ROUND: server_round, P.SEED: self.config.seed, P.TRANSPORT: self.config.transport,
-               P.MASK_VERSION: self.mask_version, P.CONFIG_KEY: self.configrecord_key,
+               P.VALUE_PRECISION: self.config.value_precision, P.MASK_VERSION: self.mask_version,
+               P.CONFIG_KEY: self.configrecord_key,
                P.WEIGHT_KEY: self.weighted_by_key, **extra}
         if self.delivered.get(node) != self.mask_version:
             cfg[P.STRUCTURE] = self._structure_json
@@ -289,7 +290,8 @@ class AutoFLIP(Strategy):
     def _model_messages(self, server_round: int, nodes: list[int], message_type: str,
                         config: ConfigRecord) -> list[Message]:
         """One message per node: shared model arrays and user config, the mask only where it is missing."""
-        arrays = encode_state(self.layout.to_compact(self.state), self.layout, self.config.transport)
+        arrays = encode_state(self.layout.to_compact(self.state), self.layout, self.config.transport,
+                              self.config.value_precision)  # a rounded copy: the master stays float32
         mask = encode_mask(self.layout, self.config.transport) if self.mask_version else None
         hint = self._hint()
         model_bytes, mask_bytes = record_nbytes(arrays) + record_nbytes(hint), record_nbytes(mask) if mask else 0
@@ -302,7 +304,8 @@ class AutoFLIP(Strategy):
                 content[P.MASK] = mask
             structure_bytes = len(self._structure_json) if needs_mask else 0  # sent with a new mask version
             self._round["bytes_down"] += model_bytes + (mask_bytes if needs_mask else 0) + structure_bytes
-            self._round["analytic_bytes_down"] += self.layout.analytic_bytes(needs_mask and mask is not None)
+            self._round["analytic_bytes_down"] += self.layout.analytic_bytes(needs_mask and mask is not None,
+                                                                              self.config.value_precision)
             self._round["masks_sent"] += int(needs_mask and mask is not None)
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         return messages
@@ -508,7 +511,7 @@ class AutoFLIP(Strategy):
                     self._round["bytes_up"] += record_nbytes(arrays)
                 result: TrainReply = validate_train_reply(
                     content, self.layout, self.mask_version, c.transport, c.max_examples,
-                    int(c.max_payload_mb * 2**20))
+                    int(c.max_payload_mb * 2**20), c.value_precision)
                 delta = {n: result.state[n] - self.state[n] for n in self.structure.prunable}
             except RejectedReply as exc:
                 self._note_failure("rejected", node, str(exc))
@@ -517,7 +520,7 @@ class AutoFLIP(Strategy):
                 self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
                 continue
             self.delivered[node] = self.mask_version
-            self._round["analytic_bytes_up"] += self.layout.analytic_bytes(False)
+            self._round["analytic_bytes_up"] += self.layout.analytic_bytes(False, c.value_precision)
             self._round["client_train_seconds"] += result.seconds
             self._round["replied"].append(self.partitions.get(node, -1))
             average.add(result.state, result.num_examples)

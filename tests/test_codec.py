@@ -9,6 +9,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from autoflip_strategy.codec import (
+    SCALES,
     CodecError,
     Layout,
     decode_guidance,
@@ -20,6 +21,7 @@ from autoflip_strategy.codec import (
     record_nbytes,
 )
 from autoflip_strategy.masks import apply_mask, compute_hybrid_mask, dense_mask
+from autoflip_strategy.quantise import MAX_VALUE_SCALE
 from autoflip_strategy.structure import discover_structure
 from models_under_test import ALL
 
@@ -241,3 +243,52 @@ def test_sparse_mask_with_set_padding_bits_is_rejected():
         packed[-1] |= 1
         with pytest.raises(CodecError, match="padding"):
             decode_mask(_replace(record, key, packed), s)
+
+
+# --- value precision (issue 14): codes and scales are validated as strictly as float32 values ---------
+
+@pytest.mark.parametrize("transport", ["sparse", "dense"])
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_quantised_payload_rejects_malformed_codes_and_scales(transport, precision):
+    _, layout, compact = setup("cnn")
+    record = encode_state(compact, layout, transport, precision)
+    decode = lambda r: decode_state(r, layout, transport, precision=precision)  # noqa: E731
+    decode(record)
+    for tensor in ("fc1.weight", SCALES, "conv2.bias"):
+        for what, bad in _corruptions(record, tensor):
+            with pytest.raises(CodecError):
+                decode(bad)
+                pytest.fail(f"{tensor}: {what} was accepted")
+    codes = record["fc1.weight"].numpy().copy()
+    codes.flat[0] = -128 if precision == "int8" else 1.5
+    with pytest.raises(CodecError, match="fc1.weight.*codes must lie"):
+        decode(_replace(record, "fc1.weight", codes))
+    for scale in (0.0, -0.0, -1.0, np.inf, -np.inf, np.nan, 2 * MAX_VALUE_SCALE, 3e38):
+        scales = record[SCALES].numpy().copy()
+        scales[len(scales) // 2] = scale
+        with pytest.raises(CodecError, match="autoflip/scales"):
+            decode(_replace(record, SCALES, scales))
+            pytest.fail(f"scale {scale!r} was accepted")
+    scales = record[SCALES].numpy().copy()
+    scales[0] = MAX_VALUE_SCALE  # the largest allowed scale still decodes to finite float32 values
+    assert all(bool(torch.isfinite(t).all()) for t in decode(_replace(record, SCALES, scales)).values())
+
+
+def test_payload_at_one_precision_is_refused_at_another():
+    _, layout, compact = setup("cnn")
+    records = {p: encode_state(compact, layout, "sparse", p) for p in ("float32", "float16", "int8")}
+    for sent, record in records.items():
+        for expected in records:
+            if expected != sent:
+                with pytest.raises(CodecError):
+                    decode_state(record, layout, "sparse", precision=expected)
+                    pytest.fail(f"{sent} payload decoded as {expected}")
+
+
+def test_quantised_payload_limit_covers_codes_and_scales():
+    _, layout, compact = setup("cnn")
+    record = encode_state(compact, layout, "sparse", "int8")
+    largest = max(len(record[k].data) for k in record.keys())
+    decode_state(record, layout, "sparse", max_bytes=largest, precision="int8")
+    with pytest.raises(CodecError, match="exceeds"):
+        decode_state(record, layout, "sparse", max_bytes=largest - 1, precision="int8")
