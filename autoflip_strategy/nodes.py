@@ -11,9 +11,12 @@ needs and what can go wrong with it:
   (NaN, Inf, 1e300, -1, 2.5, a string, a second claim on partition 0, an error
   reply) gives ``-1`` with the reason recorded; such nodes are still sampled
   (last, by node id), since they may hold data.
-* **The handshake is one bounded exchange**: all nodes still to be asked get
-  their message at once and the strategy waits at most ``handshake-timeout``
-  seconds (never the round timeout, and never once per chunk).
+* **The handshake is bounded by its own timeout**: the nodes still to be asked
+  get their messages 100 at a time (the simulation engine's cost grows with
+  the messages in flight), all chunks under one ``handshake-timeout`` deadline
+  (never the round timeout, never a timeout per chunk). Nodes a spent deadline
+  leaves unasked count as absent and are probed at once, so a node that
+  answers is back at the next sampling.
 * **Absent nodes** (no reply to the handshake, or to a training, exploration or
   evaluation message within its timeout) are not sampled until they reply
   again. "Again" is noticed without waiting: where the Grid can push and pull
@@ -59,6 +62,7 @@ from . import protocol as P
 
 PARTITION_LIMIT = 2**31  # partition ids are in [0, PARTITION_LIMIT): any id a partitioner makes, and JSON-safe
 UNKNOWN = -1
+HANDSHAKE_CHUNK = 100  # describe messages in flight at once: the simulation engine's cost is nodes x in flight
 
 
 # ------------------------------------------------------------------ pure rules
@@ -207,30 +211,37 @@ class NodeRegistry:
 
     # ------------------------------------------------------------ exchanges
     def handshake(self, grid: Grid, nodes: list[int], connected: Collection[int], timeout: float,
-                  server_round: int) -> list[dict[str, Any]]:
-        """Ask ``nodes`` for their partition in one exchange bounded by ``timeout``.
+                  server_round: int, chunk: int = HANDSHAKE_CHUNK) -> list[dict[str, Any]]:
+        """Ask ``nodes`` for their partition, ``chunk`` messages at a time, all under one ``timeout``.
 
-        Nodes that do not answer are marked absent. Returns the refusals
-        (``{"node", "reason"}``) for the round's record.
+        Nodes that do not answer are marked absent, and so are the nodes of chunks
+        the deadline leaves no time for (their probes readmit them without waiting).
+        Returns the refusals (``{"node", "reason"}``) for the round's record.
         """
         if not nodes:
             return []
         connected = set(connected)
-        sent = [describe_message(n) for n in nodes]
         start = time.perf_counter()
-        kept, _ = one_reply_per_node(sent, grid.send_and_receive(sent, timeout=timeout))
-        refusals, answered = [], set()
-        for node, reply in kept:
-            if reply.metadata.src_node_id != node:  # e.g. the SuperLink reporting the node offline
-                continue
-            answered.add(node)
-            self.seen(node)
-            if (reason := self.learn(node, reply, connected)) is not None:
-                refusals.append({"node": node, "reason": reason})
-                log(WARNING, "Node %d: %s; it is sampled without a partition id", node, reason)
-        silent = [n for n in nodes if n not in answered]
+        deadline = time.monotonic() + timeout
+        refusals, answered, asked = [], set(), 0
+        while asked < len(nodes) and (left := deadline - time.monotonic()) > 0:
+            sent = [describe_message(n) for n in nodes[asked:asked + chunk]]
+            asked += len(sent)
+            kept, _ = one_reply_per_node(sent, grid.send_and_receive(sent, timeout=left))
+            for node, reply in kept:
+                if reply.metadata.src_node_id != node:  # e.g. the SuperLink reporting the node offline
+                    continue
+                answered.add(node)
+                self.seen(node)
+                if (reason := self.learn(node, reply, connected)) is not None:
+                    refusals.append({"node": node, "reason": reason})
+                    log(WARNING, "Node %d: %s; it is sampled without a partition id", node, reason)
+        silent = [n for n in nodes[:asked] if n not in answered]
         for node in silent:
             self.mark_absent(node, server_round, f"no reply to the partition handshake within {timeout:g} s")
+        for node in nodes[asked:]:
+            self.mark_absent(node, server_round, f"not asked: the handshake's {timeout:g} s ran out")
+        silent += nodes[asked:]
         log(INFO, "Partition handshake: %d of %d nodes answered in %.1f s%s", len(answered), len(nodes),
             time.perf_counter() - start, f"; {len(silent)} marked absent" if silent else "")
         return refusals
@@ -280,12 +291,13 @@ class NodeRegistry:
         """A seeded sample of the present nodes, in partition order, and the round's partition refusals.
 
         With at most ``handshake_max_nodes`` connected, every node not yet known is
-        asked first (one exchange); above it only the sampled ones are (lazy).
+        asked first (bounded by ``handshake_timeout``); above it only the sampled ones are (lazy).
         """
-        refusals = self.poll_probes(grid, nodes, probe_ttl)
+        refusals = []
         if len(nodes) <= handshake_max_nodes:
             new = [n for n in nodes if n not in self.partitions and n not in self.absent]
             refusals += self.handshake(grid, new, nodes, handshake_timeout, server_round)
+        refusals += self.poll_probes(grid, nodes, probe_ttl)  # after the handshake: probes its silent nodes now
         candidates = self.present(nodes)
         chosen = seeded_sample(candidates, self.partitions, sample_count(len(candidates), fraction, minimum),
                                seed, purpose, server_round)

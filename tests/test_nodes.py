@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -38,9 +39,9 @@ class QueueingGrid(InProcessGrid):
     grid would have waited that long.
     """
 
-    def __init__(self, *args, silent=(), **kwargs) -> None:
+    def __init__(self, *args, silent=(), sleep=False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.silent = set(silent)
+        self.silent, self.sleep = set(silent), sleep  # sleep: really wait out the timeout of such an exchange
         self.queued: list[tuple[Message, bool]] = []  # (message, pushed)
         self.waited: list[float] = []
 
@@ -61,6 +62,8 @@ class QueueingGrid(InProcessGrid):
         self.queued += [(m, False) for m in quiet]
         if quiet:
             self.waited.append(timeout)
+            if self.sleep:
+                time.sleep(timeout)
         return super().send_and_receive([m for m in messages if self.partition(m) not in self.silent],
                                         timeout=timeout)
 
@@ -224,9 +227,23 @@ def test_nodes_that_miss_the_handshake_wait_one_short_timeout():
     grid = QueueingGrid(client_app, 12, {"local-epochs": 1}, silent=range(3, 12))
     strategy, _ = run(grid, rounds=3, round_timeout=60.0, handshake_timeout=5.0, fraction_train=1.0,
                       explore_fraction=1.0)
-    assert grid.waited == [5.0]
+    assert len(grid.waited) == 1 and grid.waited[0] == pytest.approx(5.0, abs=0.5)  # one chunk, one deadline
     assert all(sorted(h["replied"]) == [0, 1, 2] for h in strategy.history)
     assert len(strategy.history[-1]["absent"]) == 9
+
+
+def test_a_spent_handshake_deadline_leaves_later_chunks_to_probes():
+    """150 nodes in chunks of 100; partitions 0 and 120 never answer, so the first chunk waits out the whole
+    deadline (really, 2 s) and the second is not sent (else it would wait too). Its 50 nodes are absent for that
+    moment only: their probes (pushed, never awaited) readmit the 49 that answer at once."""
+    grid = QueueingGrid(client_app, 150, {"local-epochs": 1, "partitioning": "iid"}, silent={0, 120}, sleep=True)
+    strategy, _ = run(grid, rounds=1, handshake_timeout=2.0, explore_fraction=0.03, fraction_train=0.03)
+    assert len(grid.waited) == 1 and grid.waited[0] == pytest.approx(2.0, abs=0.5)
+    described = [p for p, t in grid.delivered if t == P.DESCRIBE]
+    assert sorted(described) == sorted(set(range(150)) - {0, 120})  # their messages stay queued
+    assert [a["partition"] for a in strategy.history[-1]["absent"]] == [-1, -1]  # never heard of
+    assert sorted(p for p in strategy.partitions.values()) == sorted(set(range(150)) - {0, 120})
+    assert all(len(h["replied"]) == len(h["sampled"]) > 0 for h in strategy.history)
 
 
 def test_when_every_node_is_absent_all_are_tried_again():
