@@ -60,3 +60,19 @@ def test_readme_documents_every_key_with_its_default():
     readme = (ROOT / "README.md").read_text()
     for o in ALL_OPTIONS:
         assert f"`{o.key}`" in readme, o.key
+
+
+def test_resume_compares_every_model_shaping_key_and_nothing_else():
+    from autoflip_task.config import NEUTRAL_KEYS, model_settings_changes
+
+    recorded = app_config({"local-epochs": 3, "seed": 4})
+    now = app_config({"local-epochs": 3, "seed": 4, "data-dir": "/elsewhere", "device": "cpu", "resume": True,
+                      "num-server-rounds": 50, "output-dir": "/other", "run-name": "x", "max-eval-examples": 7})
+    assert model_settings_changes(recorded, now) == []
+    changed = app_config({"local-epochs": 3, "seed": 5, "model": "resnet", "weight-decay": 0.1})
+    assert model_settings_changes(recorded, changed) == ["model: 'auto' -> 'resnet'", "seed: 4 -> 5",
+                                                         "weight-decay: 0.0 -> 0.1"]
+    # A record from before a key existed counts as that key's default; sparsity-initial as sparsity.
+    older = {k: v for k, v in recorded.items() if k not in ("min-output-density", "sparsity-initial")}
+    assert model_settings_changes(older, recorded) == []
+    assert {"learning-rate", "dataset", "partitioning", "batch-size", "sparsity"}.isdisjoint(NEUTRAL_KEYS)
