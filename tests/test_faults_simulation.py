@@ -80,6 +80,8 @@ def make_app(folder: Path, client_source: str) -> Path:
     (folder / "pyproject.toml").write_text(pyproject)
     (folder / "faulty_client.py").write_text(client_source)
     shutil.copy(ROOT / "README.md", folder / "README.md")
+    for package in ("server_app", "client_app", "autoflip_task"):  # the reference app is not installed: ship it
+        shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
     return folder
 
 

@@ -206,7 +206,7 @@ def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
     config = json.loads(payload["config"])
     del config["min_output_density"]
     torch.save({**payload, "config": json.dumps(config)}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match=r"\['min_output_density'\]"):
+    with pytest.raises(ValueError, match=r"min_output_density: 0.0 -> 0.5"):
         run(rounds=2, checkpoint=tmp_path / "old.pt", resume=True, min_output_density=0.5)
     resumed, _, _ = run(rounds=2, checkpoint=tmp_path / "old.pt", resume=True)
     assert [h["round"] for h in resumed.history] == [0, 1, 2]
