@@ -67,6 +67,19 @@ def check_resumable(out_dir: Path, cfg: dict[str, Any]) -> None:
                           "Restore them, or start a new run-name")
 
 
+def check_data_dir(cfg: dict[str, Any]) -> None:
+    """A relative ``data-dir`` that does not exist here: say where "here" is.
+
+    Why: under ``flwr run`` the ServerApp runs in a folder of Flower's own, so a path the user
+    wrote relative to their shell's folder points nowhere (the launchers resolve it for them)."""
+    data_dir = cfg["data-dir"]
+    if cfg["dataset"] != "digits" and data_dir and not Path(data_dir).expanduser().is_absolute() \
+            and not Path(data_dir).expanduser().exists():
+        raise ConfigError(f"data-dir: {data_dir!r} is relative to the ServerApp's working folder {Path.cwd()}, "
+                          "where it does not exist; pass an absolute path (runner.* and scripts/run.sh "
+                          "resolve relative paths against the folder you launch from)")
+
+
 def failure_reason(exc: BaseException) -> str:
     """One line for results.json and the launchers: the strategy's own reason, else the error."""
     reason = getattr(exc, "reason", None)
@@ -105,6 +118,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = app_config(context.run_config)
     run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}-run{context.run_id}"
     out_dir = Path(cfg["output-dir"]).resolve() / run_name
+    check_data_dir(cfg)
     if cfg["resume"]:
         check_resumable(out_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -224,3 +224,9 @@ def test_the_launchers_see_the_final_record_and_its_reason(tmp_path: Path) -> No
     assert why is not None and "'failed'" in why and "every sampled client failed: OOM" in why
     path.write_text(json.dumps({"status": "completed"}))
     assert not_completed(path, None) is None
+
+
+def test_under_flwr_run_a_relative_data_dir_that_is_not_there_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data-dir: 'no/such/folder' is relative to the ServerApp's working folder"):
+        _server_app({**TINY, "dataset": "mnist", "data-dir": "no/such/folder"}, tmp_path)
+    assert not _files(tmp_path)
