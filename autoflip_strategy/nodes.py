@@ -211,12 +211,16 @@ class NodeRegistry:
 
     # ------------------------------------------------------------ exchanges
     def handshake(self, grid: Grid, nodes: list[int], connected: Collection[int], timeout: float,
-                  server_round: int, chunk: int = HANDSHAKE_CHUNK) -> list[dict[str, Any]]:
+                  server_round: int, first_contact: float = 0.0, chunk: int = HANDSHAKE_CHUNK) -> list[dict[str, Any]]:
         """Ask ``nodes`` for their partition, ``chunk`` messages at a time, all under one ``timeout``.
 
-        Nodes that do not answer are marked absent, and so are the nodes of chunks
-        the deadline leaves no time for (their probes readmit them without waiting).
-        Returns the refusals (``{"node", "reason"}``) for the round's record.
+        Nodes that do not answer are marked absent (their unanswered messages become
+        their probes), and so are the nodes of chunks the deadline leaves no time for
+        (probed without waiting). Until any node has ever answered, the federation is
+        taken to be starting, not absent: a chunk with no reply at all is awaited up to
+        ``first_contact`` seconds (Flower's simulation engine builds every node's
+        context before it serves any: minutes at 100 000 nodes), and the short
+        deadline starts from the first reply. Returns the refusals (``{"node", "reason"}``).
         """
         if not nodes:
             return []
@@ -224,18 +228,31 @@ class NodeRegistry:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
         refusals, answered, asked = [], set(), 0
-        while asked < len(nodes) and (left := deadline - time.monotonic()) > 0:
-            sent = [describe_message(n) for n in nodes[asked:asked + chunk]]
-            asked += len(sent)
-            kept, _ = one_reply_per_node(sent, grid.send_and_receive(sent, timeout=left))
-            for node, reply in kept:
-                if reply.metadata.src_node_id != node:  # e.g. the SuperLink reporting the node offline
+
+        def take(pairs: Iterable[tuple[int, Message]]) -> None:
+            for node, reply in pairs:
+                if reply.metadata.src_node_id != node or node in answered:  # e.g. the SuperLink: node offline
                     continue
                 answered.add(node)
                 self.seen(node)
                 if (reason := self.learn(node, reply, connected)) is not None:
                     refusals.append({"node": node, "reason": reason})
                     log(WARNING, "Node %d: %s; it is sampled without a partition id", node, reason)
+
+        while asked < len(nodes) and (left := deadline - time.monotonic()) > 0:
+            sent = [describe_message(n) for n in nodes[asked:asked + chunk]]
+            asked += len(sent)
+            kept, _ = one_reply_per_node(sent, grid.send_and_receive(sent, timeout=left))
+            if not kept and not self.heard and first_contact > left:
+                log(INFO, "No node has answered yet: waiting up to %.0f s for the federation to start", first_contact)
+                kept = self._await(grid, sent, time.monotonic() + first_contact - left, first_only=True)
+                deadline = time.monotonic() + timeout
+                kept += self._await(grid, [m for m in sent if m.metadata.dst_node_id not in {n for n, _ in kept}],
+                                    deadline)
+            take(kept)
+            for msg in sent:  # an unanswered message is the node's probe: its late reply readmits it
+                if msg.metadata.dst_node_id not in answered and msg.metadata.message_id:
+                    self.probes[msg.metadata.message_id] = msg.metadata.dst_node_id
         silent = [n for n in nodes[:asked] if n not in answered]
         for node in silent:
             self.mark_absent(node, server_round, f"no reply to the partition handshake within {timeout:g} s")
@@ -245,6 +262,28 @@ class NodeRegistry:
         log(INFO, "Partition handshake: %d of %d nodes answered in %.1f s%s", len(answered), len(nodes),
             time.perf_counter() - start, f"; {len(silent)} marked absent" if silent else "")
         return refusals
+
+    @property
+    def heard(self) -> bool:
+        """Has any node ever answered (a handshake or probe)?"""
+        return bool(self.partitions)
+
+    def _await(self, grid: Grid, sent: list[Message], until: float, first_only: bool = False,
+               interval: float = 0.5) -> list[tuple[int, Message]]:
+        """Pull late replies to ``sent`` (sent before, by id) until all came, or any when ``first_only``, or ``until``."""
+        ids = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        got: list[tuple[int, Message]] = []
+        try:
+            while ids and time.monotonic() < until:
+                for reply in grid.pull_messages(list(ids)):
+                    if (node := ids.pop(reply.metadata.reply_to_message_id, None)) is not None:
+                        got.append((node, reply))
+                if (got and first_only) or not ids:
+                    break
+                time.sleep(interval)
+        except NotImplementedError:
+            pass
+        return got
 
     def poll_probes(self, grid: Grid, connected: Collection[int], ttl: float | None = None) -> list[dict[str, Any]]:
         """Send one probe to each absent node without one, then readmit those whose probe was answered.
@@ -287,7 +326,7 @@ class NodeRegistry:
     # ------------------------------------------------------------- sampling
     def sample(self, grid: Grid, nodes: list[int], fraction: float, minimum: int, *, seed: int, purpose: str,
                server_round: int, handshake_timeout: float, handshake_max_nodes: int,
-               probe_ttl: float | None = None) -> tuple[list[int], list[dict]]:
+               probe_ttl: float | None = None, first_contact: float = 0.0) -> tuple[list[int], list[dict]]:
         """A seeded sample of the present nodes, in partition order, and the round's partition refusals.
 
         With at most ``handshake_max_nodes`` connected, every node not yet known is
@@ -296,14 +335,14 @@ class NodeRegistry:
         refusals = []
         if len(nodes) <= handshake_max_nodes:
             new = [n for n in nodes if n not in self.partitions and n not in self.absent]
-            refusals += self.handshake(grid, new, nodes, handshake_timeout, server_round)
+            refusals += self.handshake(grid, new, nodes, handshake_timeout, server_round, first_contact)
         refusals += self.poll_probes(grid, nodes, probe_ttl)  # after the handshake: probes its silent nodes now
         candidates = self.present(nodes)
         chosen = seeded_sample(candidates, self.partitions, sample_count(len(candidates), fraction, minimum),
                                seed, purpose, server_round)
         unknown = [n for n in chosen if n not in self.partitions]
         if unknown:  # lazy: learn partition ids of the sampled nodes only
-            refusals += self.handshake(grid, unknown, nodes, handshake_timeout, server_round)
+            refusals += self.handshake(grid, unknown, nodes, handshake_timeout, server_round, first_contact)
             chosen = sorted((n for n in chosen if n in self.partitions),
                             key=lambda n: order_key(n, self.partitions))
         return chosen, refusals

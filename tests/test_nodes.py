@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
+import uuid
 
 import pytest
 import torch
@@ -32,50 +34,50 @@ SHAPE = (1, 8, 8)
 class QueueingGrid(InProcessGrid):
     """An in-process grid whose ``silent`` partitions never answer while silent.
 
-    A message to a silent node waits in a queue (as in a SuperLink) and is
-    served once the node is no longer silent; its reply can then be pulled if
-    the message was pushed (a ``send_and_receive`` has stopped waiting by then).
-    ``waited`` lists the timeout of every exchange that missed a reply: a real
-    grid would have waited that long.
+    As in Flower's grids, every message gets an id when it is sent. A message to
+    a silent node waits in a queue (as a SuperLink keeps it for a node that is
+    away) and is served once the node is no longer silent; its reply can then be
+    pulled by id, also after the ``send_and_receive`` that sent it stopped
+    waiting. ``waited`` lists the timeout of every exchange that missed a reply:
+    a real grid would have waited that long (this one sleeps that long, up to ``sleep`` s).
     """
 
-    def __init__(self, *args, silent=(), sleep=False, **kwargs) -> None:
+    def __init__(self, *args, silent=(), sleep=0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.silent, self.sleep = set(silent), sleep  # sleep: really wait out the timeout of such an exchange
-        self.queued: list[tuple[Message, bool]] = []  # (message, pushed)
+        self.silent, self.sleep = set(silent), sleep
+        self.queued: list[Message] = []
         self.waited: list[float] = []
 
     def partition(self, msg: Message) -> int:
         return int(self.contexts[msg.metadata.dst_node_id].node_config["partition-id"])
 
+    def _split(self, messages) -> tuple[list[Message], list[Message]]:
+        messages, silent = list(messages), self.silent
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.metadata.message_id or uuid.uuid4().hex
+        return ([m for m in messages if self.partition(m) not in silent],
+                [m for m in messages if self.partition(m) in silent])
+
     def _serve_queue(self) -> None:
-        ready = [(m, pushed) for m, pushed in self.queued if self.partition(m) not in self.silent]
-        self.queued = [(m, pushed) for m, pushed in self.queued if self.partition(m) in self.silent]
-        for msg, pushed in ready:
-            replies = InProcessGrid.send_and_receive(self, [msg])
-            if pushed:
-                self._pushed[msg.metadata.message_id] = list(replies)
+        silent = self.silent
+        ready = [m for m in self.queued if self.partition(m) not in silent]
+        self.queued = [m for m in self.queued if self.partition(m) in silent]
+        for msg in ready:
+            self._pushed[msg.metadata.message_id] = list(InProcessGrid.send_and_receive(self, [msg]))
 
     def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        quiet = [m for m in messages if self.partition(m) in self.silent]
-        self.queued += [(m, False) for m in quiet]
+        loud, quiet = self._split(messages)
+        self.queued += quiet
         if quiet:
             self.waited.append(timeout)
-            if self.sleep:
-                time.sleep(timeout)
-        return super().send_and_receive([m for m in messages if self.partition(m) not in self.silent],
-                                        timeout=timeout)
+            time.sleep(min(timeout or 0.0, self.sleep))
+        return super().send_and_receive(loud, timeout=timeout)
 
     def push_messages(self, messages):
         self._serve_queue()
-        messages = list(messages)
-        for m in messages:
-            if self.partition(m) in self.silent:
-                m.metadata.__dict__["_message_id"] = f"queued-{len(self.queued)}-{m.metadata.dst_node_id}"
-                self.queued.append((m, True))
-        return [m.metadata.message_id for m in messages if self.partition(m) in self.silent] + \
-            list(super().push_messages([m for m in messages if self.partition(m) not in self.silent]))
+        loud, quiet = self._split(messages)
+        self.queued += quiet
+        return [m.metadata.message_id for m in quiet] + list(super().push_messages(loud))
 
     def pull_messages(self, message_ids):
         self._serve_queue()
@@ -236,7 +238,7 @@ def test_a_spent_handshake_deadline_leaves_later_chunks_to_probes():
     """150 nodes in chunks of 100; partitions 0 and 120 never answer, so the first chunk waits out the whole
     deadline (really, 2 s) and the second is not sent (else it would wait too). Its 50 nodes are absent for that
     moment only: their probes (pushed, never awaited) readmit the 49 that answer at once."""
-    grid = QueueingGrid(client_app, 150, {"local-epochs": 1, "partitioning": "iid"}, silent={0, 120}, sleep=True)
+    grid = QueueingGrid(client_app, 150, {"local-epochs": 1, "partitioning": "iid"}, silent={0, 120}, sleep=5.0)
     strategy, _ = run(grid, rounds=1, handshake_timeout=2.0, explore_fraction=0.03, fraction_train=0.03)
     assert len(grid.waited) == 1 and grid.waited[0] == pytest.approx(2.0, abs=0.5)
     described = [p for p, t in grid.delivered if t == P.DESCRIBE]
@@ -244,6 +246,20 @@ def test_a_spent_handshake_deadline_leaves_later_chunks_to_probes():
     assert [a["partition"] for a in strategy.history[-1]["absent"]] == [-1, -1]  # never heard of
     assert sorted(p for p in strategy.partitions.values()) == sorted(set(range(150)) - {0, 120})
     assert all(len(h["replied"]) == len(h["sampled"]) > 0 for h in strategy.history)
+
+
+def test_a_federation_that_has_not_answered_yet_is_waited_for_not_marked_absent():
+    """Every node is silent for the first ~1.5 s (Flower's simulation engine builds all node contexts before it
+    serves any): the handshake waits for the first reply (up to round-timeout), then counts its short deadline."""
+    grid = QueueingGrid(client_app, 6, {"local-epochs": 1}, silent=range(6), sleep=5.0)
+    timer = threading.Timer(1.5, lambda: setattr(grid, "silent", set()))
+    timer.start()
+    try:
+        strategy, _ = run(grid, rounds=1, handshake_timeout=0.5, round_timeout=30.0)
+    finally:
+        timer.cancel()
+    assert sorted(strategy.partitions.values()) == list(range(6))
+    assert all(h["absent"] == [] and len(h["replied"]) == 3 for h in strategy.history)
 
 
 def test_when_every_node_is_absent_all_are_tried_again():
@@ -259,7 +275,11 @@ def test_when_every_node_is_absent_all_are_tried_again():
 def test_1000_nodes_99_percent_absent_complete_3_rounds_within_2_timeouts(tmp_path):
     """The reference ServerApp and ClientApp, 1000 in-process nodes of which 990 never answer anything,
     round-timeout=60: three rounds complete, and the exchanges that missed replies would have waited at most
-    two round timeouts in all (before: 10 handshake chunks of a full timeout each, then every round again)."""
+    two round timeouts in all (before: 10 handshake chunks of a full timeout each, then every round again).
+
+    The handshake really waits (handshake-timeout=2 here, so the test stays short): its first chunk holds 99
+    silent nodes and spends the deadline; the other 900 nodes are probed, the 9 that answer join at once. With
+    the default handshake-timeout (60 s, capped by round-timeout) that wait is one round timeout."""
     import json
 
     from runner.inprocess import run_inprocess
@@ -268,10 +288,11 @@ def test_1000_nodes_99_percent_absent_complete_3_rounds_within_2_timeouts(tmp_pa
     grids = []
 
     def grid_class(*args, **kwargs):
-        grids.append(QueueingGrid(*args, silent=set(range(1000)) - present, **kwargs))
+        grids.append(QueueingGrid(*args, silent=set(range(1000)) - present, sleep=5.0, **kwargs))
         return grids[-1]
 
-    path = run_inprocess({"num-server-rounds": 3, "round-timeout": 60.0, "partitioning": "iid", "local-epochs": 1,
+    path = run_inprocess({"num-server-rounds": 3, "round-timeout": 60.0, "handshake-timeout": 2.0,
+                          "partitioning": "iid", "local-epochs": 1,
                           "explore-epochs": 1, "max-eval-examples": 200, "run-name": "absent"},
                          1000, output_dir=tmp_path, wire=False, grid_class=grid_class)
     rounds = json.loads(path.read_text())["rounds"]
