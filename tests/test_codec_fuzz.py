@@ -1,7 +1,8 @@
 """Fuzzing the wire decoders (issue 17): every mutated payload either raises CodecError or decodes
 into tensors that fit the layout.
 
-Payloads of all six kinds (sparse/dense state, sparse/dense mask, float32/float16 guidance) are built
+Payloads of all ten kinds (sparse/dense state at float32, float16 and int8 value precision, sparse/dense
+mask, float32/float16 guidance) are built
 from the reference models' real structures and hybrid masks, then mutated at the byte, header,
 metadata and record level. A mutation that can never be valid (truncation, trailing bytes, a zip or
 pickle body, a wrong dtype/shape, NaN, a missing key, ...) must be rejected; any other mutation may
@@ -25,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from autoflip_strategy.codec import (
+    SCALES,
     CodecError,
     Layout,
     decode_guidance,
@@ -43,7 +45,7 @@ from models_under_test import ALL
 FUZZ_CASES = {"lstm": 10_000, "cnn": 6_000, "resnet": 4_000}
 SLOW_FUZZ_CASES = 40_000
 SEED = 17
-STACK_EVERY = 5  # every 5th case gets a second, random mutation on top
+STACK_EVERY = 7  # every 7th case gets a second, random mutation on top (7: coprime to the 10 kinds)
 MAX_DECODE_SECONDS = 2.0  # "no hang": a valid decode takes milliseconds
 HANG_SECONDS = 30  # a decode still running after this is interrupted and reported
 
@@ -91,7 +93,7 @@ def check_guidance(structure: ModelStructure, out: object) -> None:
 
 
 def payloads(model_name: str) -> list[Payload]:
-    """The six reply kinds for one reference model under a hybrid mask, with their decoders."""
+    """The ten reply kinds for one reference model under a hybrid mask, with their decoders."""
     torch.manual_seed(0)
     model, x = ALL[model_name]()
     s = discover_structure(model, x)
@@ -111,6 +113,12 @@ def payloads(model_name: str) -> list[Payload]:
         cap = 4 * max(len(record[k].data) for k in record.keys())
         out.append(Payload(f"mask-{t}", record, lambda r, t=t, cap=cap: decode_mask(r, s, t, max_bytes=cap),
                            lambda v: check_mask(s, v)))
+        for p in ("float16", "int8"):  # value precision: codes plus one array of block scales
+            record = encode_state(compact, layout, t, p)
+            cap = 4 * max(len(record[k].data) for k in record.keys())
+            out.append(Payload(f"state-{t}-{p}", record,
+                               lambda r, t=t, p=p, cap=cap: decode_state(r, layout, t, cap, precision=p),
+                               lambda v: check_state(layout, v)))
     for p in ("float32", "float16"):
         record = encode_guidance(guidance, p)
         cap = 4 * max(len(record[k].data) for k in record.keys())
@@ -171,8 +179,9 @@ def _base_key(rng: np.random.Generator, arrays: Arrays, p: Payload,
     return _key(rng, arrays, lambda k: k in p.record and where(k))
 
 
-def _float_key(arrays: Arrays) -> Callable[[str], bool]:
-    return lambda k: arrays[k].dtype in ("float32", "float16")
+def _value_key(arrays: Arrays) -> Callable[[str], bool]:
+    """Keys of arrays that hold values or codes (int8 codes too)."""
+    return lambda k: arrays[k].dtype in ("float32", "float16", "int8")
 
 
 def _element(rng: np.random.Generator, a: Array, itemsize: int) -> int | None:
@@ -351,13 +360,17 @@ def m_poison(rng, arrays, p):
         offset = _body_offset(a.data)
         arrays[k] = _with(a, a.data[:offset] + b"\0" * (len(a.data) - offset))
         return
-    k = _base_key(rng, arrays, p, _float_key(p.record) if p.kind != "mask-dense" else lambda k: True)
+    k = _base_key(rng, arrays, p, _value_key(p.record) if p.kind != "mask-dense" else lambda k: True)
     a = p.record[k]
     dtype = np.dtype(a.dtype)
     if p.kind == "mask-dense":
         bad = np.array([int(rng.integers(2, 256))], dtype=np.uint8)
-    elif k.startswith("scale/"):
+    elif k.startswith("scale/") or k == SCALES:
         bad = np.array([_pick(rng, [0.0, -1.0, np.inf, -np.inf, np.nan, 3e38, -0.0])], dtype=dtype)
+    elif dtype == np.int8:  # the one int8 code outside the symmetric range
+        bad = np.array([-128], dtype=dtype)
+    elif p.kind.startswith("state-") and dtype == np.float16:  # float16 codes live in [-1, 1]
+        bad = np.array([_pick(rng, [np.nan, np.inf, -np.inf, 1.5, -2.0, 65504.0])], dtype=dtype)
     else:
         choices = [np.nan, np.inf, -np.inf] + ([-1.0, -1e-3] if p.kind.startswith("guidance") else [])
         bad = np.array([_pick(rng, choices)], dtype=dtype)
@@ -386,6 +399,8 @@ def m_value(rng, arrays, p):
         if dtype.kind == "f":
             v = rng.random() * 2.0 if p.kind.startswith("guidance") else rng.standard_normal()
             value = np.array([v], dtype=dtype)
+        elif dtype == np.int8:
+            value = np.array([rng.integers(-128, 128)], dtype=dtype)
         elif p.kind == "mask-dense":
             value = np.array([rng.integers(2)], dtype=dtype)
         else:
@@ -487,7 +502,7 @@ def fuzz(model_name: str, cases: int, seed: int = SEED) -> Counter:
 def _check_coverage(outcomes: Counter, cases: int) -> None:
     assert sum(outcomes.values()) == cases
     kinds = {k for k, _, _ in outcomes}
-    assert len(kinds) == 6
+    assert len(kinds) == 10
     for kind in kinds:
         for name, _, _ in MUTATIONS:
             assert outcomes[kind, name, "accepted"] + outcomes[kind, name, "rejected"] > 0, (kind, name)

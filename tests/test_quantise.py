@@ -159,12 +159,34 @@ def test_client_reply_with_feedback_returns_residuals_in_the_wire_layout():
 
 # --- real federations (in-process grid, real ClientApp handlers, Flower's serialisation) ------------
 
-@pytest.mark.parametrize("precision", ["float16", "int8"])
-def test_federation_runs_at_reduced_precision(precision):
-    from test_strategy import run
+def run(**cfg):
+    """Two rounds on 6 nodes, every message serialised to Flower's protobuf bytes and parsed back."""
+    from flwr.app import ArrayRecord
 
-    plain, _, _ = run(rounds=2, sparsity=0.5, structured_sparsity=0.2, seed=3)
-    strategy, result, grid = run(rounds=2, sparsity=0.5, structured_sparsity=0.2, seed=3, value_precision=precision)
+    from autoflip_strategy import AutoFLIP, AutoFLIPConfig
+    from autoflip_task.models import build_model, example_input
+    from client_app.app import app as client_app
+    from runner.inprocess import InProcessGrid
+
+    shape = (1, 8, 8)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", shape, 10).state_dict())
+    grid = InProcessGrid(client_app, 6, {"local-epochs": 1}, wire=True)
+    config = AutoFLIPConfig(explore_epochs=1, fraction_train=0.5, sparsity=0.5, structured_sparsity=0.2, seed=3,
+                            **cfg)
+    strategy = AutoFLIP(build_model("cnn", shape, 10), example_input(shape, 10), config,
+                        train_config={"local-epochs": 1})
+    return strategy, strategy.start(grid, arrays, num_rounds=2), grid
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return run()[0]
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_federation_runs_at_reduced_precision(precision, plain):
+    strategy, result, grid = run(value_precision=precision)
     h, base = strategy.history, plain.history
     assert [r["phase"] for r in h] == ["explore", "train", "train"]
     assert all(not r["rejected"] and not r["dropped"] for r in h)
