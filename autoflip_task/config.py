@@ -80,6 +80,8 @@ def app_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     ServerApp stops a launcher before it starts any process."""
     values = parse_options(dict(run_config), ALL_OPTIONS)
     values["run-name"] = check_run_name(values["run-name"])
+    if values["resume"] and not values["run-name"]:
+        raise ConfigError("resume: needs run-name, the folder under output-dir of the run to continue")
     values["sparsity-initial"] = resolve_sparsity_initial(values["sparsity"], values["sparsity-initial"])
     AutoFLIPConfig.from_run_config(values)
     return values

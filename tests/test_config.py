@@ -76,3 +76,9 @@ def test_resume_compares_every_model_shaping_key_and_nothing_else():
     older = {k: v for k, v in recorded.items() if k not in ("min-output-density", "sparsity-initial")}
     assert model_settings_changes(older, recorded) == []
     assert {"learning-rate", "dataset", "partitioning", "batch-size", "sparsity"}.isdisjoint(NEUTRAL_KEYS)
+
+
+def test_resume_needs_the_run_name_of_the_run_to_continue():
+    with pytest.raises(ConfigError, match="resume: needs run-name"):
+        app_config({"resume": True})
+    assert app_config({"resume": True, "run-name": "r"})["resume"] is True
