@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
@@ -49,16 +48,18 @@ from torch import nn
 
 from . import guidance as G
 from . import protocol as P
-from .aggregation import RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric, validate_train_reply
+from .aggregation import (RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric, train_seconds,
+                          validate_train_reply)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_state, record_nbytes
 from .config import RESUME_NEUTRAL, AutoFLIPConfig, resolve_config
-from .costs import training_flops_per_example
-from .failures import RunFailed, most_common_error, with_hint
+from .costs import training_flops_or_none
+from .failures import RunFailed, condense, most_common_error, with_hint
 from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, empty_output_rows, scheduled_sparsity
-from .structure import ModelStructure, discover_structure, structure_to_json
+from .nodes import NodeRegistry, one_reply_per_node, wait_for_nodes
+from .intake import IntakeReport, intake_model, log_report
+from .structure import ModelStructure, structure_to_json
 
-DESCRIBE_CHUNK = 100  # handshake messages in flight at once
 RoundCallback = Callable[[dict[str, Any]], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
@@ -75,6 +76,11 @@ def forwarded_train_config(run_config: Mapping[str, Any] | None) -> dict[str, An
 def user_config(defaults: Mapping[str, Any], given: ConfigRecord | None, server_round: int) -> ConfigRecord:
     """The user's config for one message: the strategy's defaults, then what start() was given, then the round."""
     return ConfigRecord({**defaults, **dict(given or {}), P.ROUND: server_round})
+
+
+def _plus(total: int | float | None, per_unit: int | float | None, count: int) -> int | float | None:
+    """total + per_unit * count, where an unknown (None) term makes the sum unknown, never wrong."""
+    return None if total is None or per_unit is None else total + per_unit * count
 
 
 def _mb(nbytes: float) -> str:
@@ -111,6 +117,9 @@ class AutoFLIP(Strategy):
         Called with each round's record as soon as it is complete.
     ignored_layers : tuple of str
         Module names whose units are never removed.
+    strict : bool
+        Refuse (``UnsupportedModelError``) a model with units the intake cannot remove exactly,
+        instead of pruning those layers element-wise only (see :mod:`.intake`).
     checkpoint : path, optional
         Where to write the strategy's state after every round (atomically); ``start(..., resume=True)``
         continues from it.
@@ -142,6 +151,7 @@ class AutoFLIP(Strategy):
         evaluate_config: Mapping[str, Any] | None = None,
         on_round: RoundCallback | None = None,
         ignored_layers: tuple[str, ...] = (),
+        strict: bool = False,
         checkpoint: str | Path | None = None,
         **options: Any,
     ) -> None:
@@ -165,18 +175,22 @@ class AutoFLIP(Strategy):
         self.train_config = {**forwarded_train_config(run_config), **dict(train_config or {})}
         self.evaluate_config = dict(evaluate_config or {})
         self.on_round = on_round
-        self.structure: ModelStructure = discover_structure(model, example_input, ignored_layers)
+        intake = intake_model(model, example_input, ignored_layers, strict=strict)  # names what it leaves whole
+        self.structure: ModelStructure = intake.structure
+        self.intake: IntakeReport = intake.report
+        log_report(self.intake)
         self._structure_json = structure_to_json(self.structure)
         self._model = model
         self._example_input = example_input
-        self._flops_per_example: dict[int, int] = {}
+        self._flops_per_example: dict[int, int | None] = {}  # None: the model's FLOPs cannot be counted
         self.state: dict[str, torch.Tensor] = {}
         self.mask: HybridMask = dense_mask(self.structure)
         self.mask_version = 0
         self.layout = Layout.build(self.structure, self.mask)
         self.scores: dict[str, torch.Tensor] | None = None
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
-        self.partitions: dict[int, int] = {}  # node id -> partition id (or -1)
+        self.nodes = NodeRegistry()  # partition handshake and absent nodes (nodes.py)
+        self.partitions: dict[int, int] = self.nodes.partitions  # node id -> partition id (or -1)
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
         self._started = False  # stage 0 (exploration / initial record) done
@@ -210,13 +224,14 @@ class AutoFLIP(Strategy):
         """The current global model (global layout, pruned coordinates zero)."""
         return ArrayRecord({n: t.clone() for n, t in self.state.items()})
 
-    def _flops(self) -> int:
-        """Training FLOPs per example at the current mask (compact structure, kept weights per layer)."""
+    def _flops(self) -> int | None:
+        """Training FLOPs per example at the current mask (compact structure, kept weights per layer);
+        ``None`` (logged once per mask) when the model cannot be counted."""
         if self.mask_version not in self._flops_per_example:
             from .compact import compact_model
 
             compact = compact_model(self._model, self.layout.kept)
-            self._flops_per_example[self.mask_version] = training_flops_per_example(
+            self._flops_per_example[self.mask_version] = training_flops_or_none(
                 compact, self._example_input, self.layout.compact_masks)
         return self._flops_per_example[self.mask_version]
 
@@ -238,40 +253,28 @@ class AutoFLIP(Strategy):
                 arrays[name] = Array(self.state[name].numpy().astype(arrays[name].numpy().dtype, copy=False))
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.time() + self.config.round_timeout
-        while len(nodes := list(grid.get_node_ids())) < self.config.min_available_nodes:
-            if time.time() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {self.config.min_available_nodes} nodes connected")
-            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), self.config.min_available_nodes)
-            time.sleep(1)
-        return nodes
+        return wait_for_nodes(grid, self.config.min_available_nodes, self.config.round_timeout)
 
     def _describe(self, grid: Grid, nodes: Iterable[int]) -> None:
-        """Ask new nodes which partition they hold, so sampling is reproducible across runs."""
-        new = [n for n in nodes if n not in self.partitions]
-        if not new:
-            return
-        # in chunks: Flower's simulation engine polls every node against every message in flight
-        for start in range(0, len(new), DESCRIBE_CHUNK):
-            msgs = [Message(RecordDict(), dst_node_id=n, message_type=P.DESCRIBE)
-                    for n in new[start:start + DESCRIBE_CHUNK]]
-            for reply in grid.send_and_receive(msgs, timeout=self.config.round_timeout):
-                pid = -1
-                if not reply.has_error() and isinstance(m := reply.content.get(P.METRICS), MetricRecord):
-                    value = m.get(P.PARTITION_ID, -1)
-                    pid = int(value) if isinstance(value, (int, float)) else -1
-                self.partitions[reply.metadata.src_node_id] = pid
-        for n in new:
-            self.partitions.setdefault(n, -1)
+        """Ask nodes not known yet (nor absent) which partition they hold, under one handshake-timeout (nodes.py)."""
+        nodes = list(nodes)
+        new = [n for n in nodes if n not in self.partitions and n not in self.nodes.absent]
+        timeout = min(self.config.handshake_timeout, self.config.round_timeout)
+        refused = self.nodes.handshake(grid, new, nodes, timeout, self._round.get("round", 0), self.config.round_timeout)
+        self._round.setdefault("partition_refused", []).extend(refused)
 
     def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str) -> list[int]:
-        """Seeded sample, ordered by partition id so node ids (random per run) do not matter."""
+        """Seeded sample of present nodes, ordered by partition id so node ids (random per run) do not matter
+        (handshake, absent nodes, and partition ids learnt lazily above handshake-max-nodes: nodes.py)."""
+        c = self.config
         nodes = self._wait_for_nodes(grid)
-        self._describe(grid, nodes)
-        ordered = sorted(nodes, key=lambda n: (self.partitions.get(n, -1) < 0, self.partitions.get(n, -1), n))
-        k = min(len(ordered), max(int(len(ordered) * fraction), minimum))
-        rng = random.Random(f"{self.config.seed}:{purpose}:{server_round}")
-        return sorted(rng.sample(ordered, k), key=ordered.index)
+        chosen, refused = self.nodes.sample(
+            grid, nodes, fraction, minimum, seed=c.seed, purpose=purpose, server_round=server_round,
+            handshake_timeout=min(c.handshake_timeout, c.round_timeout), handshake_max_nodes=c.handshake_max_nodes,
+            probe_ttl=max(c.round_timeout, 1.0), first_contact=c.round_timeout)
+        self._round.setdefault("partition_refused", []).extend(refused)
+        self._round["absent"] = self.nodes.absent_record()
+        return chosen
 
     def _settings(self, server_round: int, node: int, **extra: Any) -> ConfigRecord:
         """AutoFLIP's own keys for one node's message (the structure travels with a new mask version)."""
@@ -318,6 +321,7 @@ class AutoFLIP(Strategy):
                        "_t0": time.perf_counter()}
 
     def _note_failure(self, kind: str, node: int, reason: str) -> None:
+        reason = condense(reason)  # a client's traceback (Ray names its pid) becomes its root exception line
         what = f"{self._filing}{'dropped' if kind == 'dropped' else 'rejected'}"
         log(WARNING, "%s reply from node %d (partition %d): %s", what.replace("_", " "), node,
             self.partitions.get(node, -1), reason)
@@ -326,18 +330,26 @@ class AutoFLIP(Strategy):
 
     def _replies(self, sent: list[Message], replies: Iterable[Message]) -> list[Message]:
         """Replies that carry content, in partition order (so aggregation is reproducible);
-        errors and missing replies are recorded as dropped."""
+        errors and missing replies are recorded as dropped, nodes that did not answer as absent,
+        and any reply beyond the first for a node as rejected (one reply per node per message)."""
+        kept, extra = one_reply_per_node(sent, replies)
+        for node, reason in extra:
+            self._note_failure("rejected", node, reason)
         got, ok = set(), []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in kept:
             got.add(node)
+            if reply.metadata.src_node_id == node:  # not the SuperLink reporting the node offline
+                self.nodes.seen(node)
             if reply.has_error():
                 self._note_failure("dropped", node, f"client error: {reply.error.reason}")
             else:
                 ok.append(reply)
         for msg in sent:
-            if msg.metadata.dst_node_id not in got:
-                self._note_failure("dropped", msg.metadata.dst_node_id, "no reply before the timeout")
+            if (node := msg.metadata.dst_node_id) not in got:
+                self._note_failure("dropped", node, "no reply before the timeout")
+                self.nodes.mark_absent(node, self._round.get("round", 0),
+                                       f"no reply to {msg.metadata.message_type} before the timeout")
+        self._round["absent"] = self.nodes.absent_record()
         return sorted(ok, key=lambda m: (self.partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
 
     def _check_progress(self, accepted: int) -> None:
@@ -400,7 +412,7 @@ class AutoFLIP(Strategy):
                 if isinstance(guidance := reply.content.get(P.GUIDANCE), ArrayRecord):
                     self._round["bytes_up"] += record_nbytes(guidance)  # received, accepted or not
                 matrix, n, epochs = self._validate_guidance(reply.content)
-                seconds = finite_metric(reply.content[P.METRICS], P.TRAIN_SECONDS)
+                seconds = train_seconds(reply.content[P.METRICS])  # finite, >= 0, bounded
             except RejectedReply as exc:
                 self._note_failure("rejected", node, str(exc))
                 continue
@@ -409,7 +421,7 @@ class AutoFLIP(Strategy):
                 continue
             self._round["analytic_bytes_up"] += (16 if c.guidance_precision == "float16" else 32) * \
                 self.structure.num_prunable // 8
-            self._round["train_flops"] += dense_flops * n * epochs
+            self._round["train_flops"] = _plus(self._round["train_flops"], dense_flops, n * epochs)
             self._round["client_train_seconds"] += seconds
             self._round["replied"].append(self.partitions.get(node, -1))
             matrices.append(matrix)
@@ -540,7 +552,7 @@ class AutoFLIP(Strategy):
             return None, None
         self.state.update(average.result())
         apply_mask(self.state, self.layout.tensor_masks)
-        self._round["train_flops"] += self._flops() * sum(n * e for n, e in examples)
+        self._round["train_flops"] = _plus(self._round["train_flops"], self._flops(), sum(n * e for n, e in examples))
         if c.strategy == "autoflip" and self.scores is not None:
             self.scores = G.refresh(self.scores, stats, c.guidance_decay, c.agreement_weight, c.guidance_norm)
         try:
@@ -555,8 +567,9 @@ class AutoFLIP(Strategy):
     def _round_metrics(self) -> dict[str, float | int]:
         """What AutoFLIP adds to Flower's per-round MetricRecords (and so to the returned Result)."""
         r = self._round
-        return {"density": self._density(), "mask_version": self.mask_version, "bytes_down": r["bytes_down"],
-                "bytes_up": r["bytes_up"], "train_flops": r["train_flops"]}
+        metrics = {"density": self._density(), "mask_version": self.mask_version, "bytes_down": r["bytes_down"],
+                   "bytes_up": r["bytes_up"], "train_flops": r["train_flops"]}
+        return {k: v for k, v in metrics.items() if v is not None}  # FLOPs of an uncountable model: absent
 
     def _normalised(self, content: RecordDict) -> tuple[RecordDict, MetricRecord]:
         """The reply with its example count under AutoFLIP's key (FedAvg's ``weighted_by_key`` may differ)."""
@@ -690,12 +703,13 @@ class AutoFLIP(Strategy):
         previous = self.history[-1] if self.history else {}
         for key in ("bytes_down", "bytes_up", "analytic_bytes_down", "analytic_bytes_up", "train_flops",
                     "client_train_seconds"):
-            record[f"cum_{key}"] = previous.get(f"cum_{key}", 0) + record[key]
+            record[f"cum_{key}"] = _plus(previous.get(f"cum_{key}", 0), record[key], 1)
         r["_finished"] = record
         self.history.append(record)
-        log(INFO, "\t└──> AutoFLIP %s %d: density %.3f (mask v%d) | down %s, up %s | %.3g GFLOPs | %d/%d replies",
+        flops = "n/a" if record["train_flops"] is None else f"{record['train_flops'] / 1e9:.3g}"
+        log(INFO, "\t└──> AutoFLIP %s %d: density %.3f (mask v%d) | down %s, up %s | %s GFLOPs | %d/%d replies",
             record["phase"], record["round"], record["density"], self.mask_version, _mb(record["bytes_down"]),
-            _mb(record["bytes_up"]), record["train_flops"] / 1e9, len(record["replied"]), len(record["sampled"]))
+            _mb(record["bytes_up"]), flops, len(record["replied"]), len(record["sampled"]))
         if self.checkpoint is not None:
             save_checkpoint(self.checkpoint, self.checkpoint_state(record["round"]))
         if self.on_round:

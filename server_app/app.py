@@ -166,6 +166,7 @@ def train(grid: Grid, cfg: dict[str, Any], out_dir: Path, record: RunRecord) -> 
         checkpoint=out_dir / "checkpoint.pt",
     )
     results["structure"] = {g.name: g.size for g in strategy.structure.groups}
+    results["intake"] = strategy.intake.to_json()  # what is pruned how, and what is left whole (and why)
     result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=cfg["num-server-rounds"],
                             evaluate_fn=central_evaluation, resume=cfg["resume"])
     torch.save(result.arrays.to_torch_state_dict(), out_dir / "final_model.pt")
