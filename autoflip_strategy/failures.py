@@ -9,8 +9,14 @@ an untrained model.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^\s*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Failed|Exit)\w*): (\S.*)$")
+_PROCESS_NOISE = re.compile(r"\((?:pid|actor_id|ip)=[^)]*\)|0x[0-9a-f]+")
+MAX_REASON_CHARS = 700
 
 
 class RunFailed(RuntimeError):
@@ -22,9 +28,35 @@ class RunFailed(RuntimeError):
         self.server_round = server_round
 
 
+def _capped(text: str) -> str:
+    """Head and tail of a long message (the fix is often at its end, e.g. a state_dict's unexpected keys)."""
+    text = " ".join(text.split())
+    if len(text) <= MAX_REASON_CHARS:
+        return text
+    head = MAX_REASON_CHARS * 2 // 5
+    return f"{text[:head]} ... {text[-(MAX_REASON_CHARS - head):]}"
+
+
+def condense(reason: str) -> str:
+    """One line per cause: a traceback (e.g. Ray's, which names the actor's pid) becomes its root exception
+    and message, so the same client error from different processes counts as one error."""
+    text = _ANSI.sub("", reason).strip()
+    prefix = "client error: " if text.startswith("client error: ") else ""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if m := _RAISED.match(line):
+            message = [m.group(2)]
+            for more in lines[i + 1:]:  # a message can span lines (e.g. missing and unexpected keys)
+                if not more.strip() or more.startswith(("The above exception", "During handling", "Traceback")):
+                    break
+                message.append(more)
+            return f"{prefix}{m.group(1).rsplit('.', 1)[-1]}: {_capped(' '.join(message))}"
+    return _capped(_PROCESS_NOISE.sub("", text))
+
+
 def most_common_error(reasons: Iterable[str]) -> str:
-    """The reason seen most often (ties: the first seen), or a note that there was none."""
-    counts = Counter(r for r in reasons if r)
+    """The reason seen most often, condensed (ties: the first seen), or a note that there was none."""
+    counts = Counter(condense(r) for r in reasons if r)
     if not counts:
         return "no client replied"
     reason, n = counts.most_common(1)[0]

@@ -84,5 +84,6 @@ def test_quickstart_whose_model_cannot_train_fails_with_the_clients_error(tmp_pa
                        timeout=600, client_cpus=2)
     text = str(err.value)
     assert "Invalid learning rate" in text
-    assert "RunFailed" in text or "failed" in text
+    assert "finished:failed" in text and "rounds in a row without an accepted client reply" in text
+    assert "most common error: client error: ValueError: Invalid learning rate: -1.0" in text
     assert not list(tmp_path.glob("*/results.json"))  # nothing claims success
