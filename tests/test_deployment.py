@@ -113,7 +113,8 @@ def _cmdline(pid: int) -> str:
 
 
 def test_insecure_federation_runs_autoflip(tmp_path, bystander):
-    cfg = {**BASE_CONFIG, "num-server-rounds": 2, "output-dir": str(tmp_path / "out"), "run-name": "dep"}
+    cfg = {**BASE_CONFIG, "num-server-rounds": 2, "output-dir": str(tmp_path / "out"), "run-name": "dep",
+           "value-precision": "int8"}  # issue 14: int8 both ways, error feedback kept across ClientApp processes
     t0 = time.monotonic()
     with LoopbackFederation(NODES, workdir=tmp_path / "fed", env=PROCESS_ENV) as fed:
         assert sorted(fed.node_ids) == list(range(NODES)) and len(set(fed.node_ids.values())) == NODES
@@ -127,7 +128,7 @@ def test_insecure_federation_runs_autoflip(tmp_path, bystander):
 @needs_tls_tools
 def test_tls_auth_federation_runs_autoflip_and_refuses_unknown_node(tmp_path, bystander):
     cfg = {**BASE_CONFIG, "num-server-rounds": 1, "local-epochs": 2, "output-dir": str(tmp_path / "out"),
-           "run-name": "dep-tls"}
+           "run-name": "dep-tls", "value-precision": "float16"}  # issue 14: float16 both ways
     t0 = time.monotonic()
     with LoopbackFederation(NODES, tls=True, auth=True, workdir=tmp_path / "fed", env=PROCESS_ENV) as fed:
         # the SuperLink speaks HTTPS only, with the generated CA, and requires node keys
