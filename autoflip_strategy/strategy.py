@@ -515,6 +515,7 @@ class AutoFLIP(Strategy):
         self._round["train_aggregated"] = True
         average, stats, contents, accepted, examples = WeightedAverage(), G.UpdateStatistics(), [], [], []
         fallback_epochs = int(self.train_config.get("local-epochs", 1))
+        hidden = (set(INTERNAL_METRICS) | {P.NUM_EXAMPLES}) - {self.weighted_by_key}  # not the user's metrics
         for reply in self._replies(self._sent.pop("train", []), replies):
             node = reply.metadata.src_node_id
             try:
@@ -541,7 +542,7 @@ class AutoFLIP(Strategy):
             examples.append((result.num_examples, epochs if isinstance(epochs, int) and epochs > 0 else fallback_epochs))
             accepted.append(result.num_examples)
             contents.append(RecordDict({P.METRICS: MetricRecord(
-                {k: v for k, v in metrics.items() if k not in INTERNAL_METRICS or k == self.weighted_by_key})}))
+                {k: v for k, v in metrics.items() if k not in hidden})}))
         log(INFO, "aggregate_train: Received %d results and %d failures (%d rejected) | up %s",
             len(accepted), len(self._round["dropped"]) + len(self._round["rejected"]), len(self._round["rejected"]),
             _mb(self._round["bytes_up"]))

@@ -382,3 +382,18 @@ def test_a_plain_flower_handler_fails_with_an_error_that_names_the_fix():
 
     with pytest.raises(ValueError, match="evaluate_fn"):
         AutoFLIPClient(lambda ctx: build_model("cnn", SHAPE, 10), lambda m, t: None).register(own)
+
+
+def test_fedavgs_record_keys_are_honoured_end_to_end():
+    """Other weighting / array / config keys: the user's config still arrives, the weight key stays out of
+    the averaged metrics, and nothing is rejected."""
+    SEEN.clear()
+    grid = InProcessGrid(_capturing_client(), 2)
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), explore_epochs=1,
+                        fraction_evaluate=0.0, weighted_by_key="n", arrayrecord_key="a", configrecord_key="c",
+                        train_config={"lr": 0.1})
+    result = strategy.start(grid, theta0(), num_rounds=1)
+    assert [cfg for phase, _, cfg in SEEN if phase == "train"] == [{"lr": 0.1, "server-round": 1}] * 2
+    assert all(len(r["replied"]) == 2 and not r["rejected"] for r in strategy.history)
+    metrics = result.train_metrics_clientapp[1]
+    assert "train_loss" in metrics and "n" not in metrics and "num-examples" not in metrics
