@@ -397,3 +397,15 @@ def test_fedavgs_record_keys_are_honoured_end_to_end():
     assert all(len(r["replied"]) == 2 and not r["rejected"] for r in strategy.history)
     metrics = result.train_metrics_clientapp[1]
     assert "train_loss" in metrics and "n" not in metrics and "num-examples" not in metrics
+
+
+def test_failed_client_evaluations_are_filed_apart_from_training_and_name_the_fix():
+    no_eval = AutoFLIPClient(lambda ctx: build_model("cnn", SHAPE, 10),
+                             lambda model, task: TrainOutcome(4, 1.0)).build_app()
+    grid = InProcessGrid(no_eval, 2)
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), explore_epochs=1)  # evaluates
+    result = strategy.start(grid, theta0(), num_rounds=2)
+    for r in strategy.history[1:]:
+        assert len(r["replied"]) == 2 and not r["dropped"]
+        assert len(r["eval_dropped"]) == 2 and "evaluate_fn" in r["eval_dropped"][0]["reason"]
+    assert not result.evaluate_metrics_clientapp and set(result.train_metrics_clientapp) == {1, 2}
