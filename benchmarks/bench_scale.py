@@ -193,6 +193,22 @@ def _memory(pid: int) -> tuple[int, int] | None:
     return rss, pss
 
 
+HANDSHAKE_LINES = ("Partition handshake:", "No node has answered yet")  # the strategy's log lines (nodes.py)
+
+
+def handshake_seconds(lines: Iterator[str]) -> float:
+    """Seconds the strategy spent in partition handshakes, from its log lines ("... answered in 1.2 s").
+
+    The first one also holds the wait for the simulation engine to serve at all
+    (it builds every node's context first), logged as "No node has answered yet".
+    """
+    total = 0.0
+    for line in lines:
+        if m := re.search(r"Partition handshake: \d+ of \d+ nodes answered in ([0-9.]+) s", line):
+            total += float(m.group(1))
+    return total
+
+
 SIM_KIND = "simulation (ServerApp + engine)"
 ACTOR_KIND = "ray ClientApp actors"
 
@@ -558,7 +574,7 @@ def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHe
 
     def sink(line: str) -> None:
         tail[:] = (tail + [line])[-30:]
-        if line.startswith("[") or line.startswith("AutoFLIP run"):
+        if line.startswith("[") or line.startswith("AutoFLIP run") or any(k in line for k in HANDSHAKE_LINES):
             progress.append((round(time.monotonic() - t0, 2), line))
 
     try:
@@ -585,6 +601,7 @@ def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHe
         "replied_per_round": [len(r["replied"]) for r in train],
         "stage0_phase": stage0["phase"], "stage0_seconds": stage0["seconds"],
         "handshake": "every node" if n <= cfg["handshake-max-nodes"] else "sampled nodes only",
+        "handshake_seconds": handshake_seconds(line for _, line in progress),
         "absent_nodes": len(rounds[-1].get("absent", [])),
         "partition_refused": sum(len(r.get("partition_refused", [])) for r in rounds),
         "train_seconds": [r["seconds"] for r in train],
@@ -682,7 +699,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| clients | examples / client | explorers (fraction) | trained / round (fraction) | peak RSS GiB "
         "| peak PSS GiB | simulation proc RSS GiB | Ray actors RSS GiB | Ray system RSS GiB "
-        "| partition handshake | exploration (start-up) s | train s / round | run wall s "
+        "| partition handshake (s) | exploration (start-up) s | train s / round | run wall s "
         "| CPU s simulation proc / actors | load avg |",
         "|" + "---|" * 15,
     ]
@@ -694,7 +711,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {r['num_clients']} | {r['examples_per_client']:.1f} | {r['explorers']} ({r['explore_fraction']:.1%}) "
             f"| {max(r['sampled_per_round'], default=0)} ({r['fraction_train']:.1%}) | {_gib(r['peak_rss_gib'])} "
             f"| {_gib(r['peak_pss_gib'])} | {_gib(by.get(SIM_KIND, 0))} | {_gib(by.get(ACTOR_KIND, 0))} "
-            f"| {_gib(by.get('ray system', 0))} | {r.get('handshake', 'every node')} | {r['stage0_seconds']:.1f} | {r['train_seconds_mean']:.2f} ({train}) "
+            f"| {_gib(by.get('ray system', 0))} | {r.get('handshake', 'every node')} ({r.get('handshake_seconds', 0):.1f}) "
+            f"| {r['stage0_seconds']:.1f} | {r['train_seconds_mean']:.2f} ({train}) "
             f"| {r['wall_seconds']:.0f} | {cpu.get(SIM_KIND, 0):.0f} / {cpu.get(ACTOR_KIND, 0):.0f} | {load:.1f} |")
     if len(runs) >= 2:
         lo, hi = runs[0], runs[-1]

@@ -133,6 +133,13 @@ def test_a_stopped_client_count_is_reported_with_its_reason() -> None:
     res = {"settings": dataclasses.asdict(B.Settings()), "machine": {"cpus": 2}, "runs": [ok, stopped],
            "skipped": [200_000], "notes": []}
     text = B.markdown(res)
-    assert "| 1000 |" in text and "| every node |" in text
+    assert "| 1000 |" in text and "| every node (0.0) |" in text
     assert "**100000 clients: stopped** after 3600 s" in text and "timed out after 3600 s" in text
     assert "last line" in text and "Not run after that: 200000 clients." in text
+
+
+def test_handshake_seconds_are_read_from_the_strategy_log() -> None:
+    lines = ["INFO :      Partition handshake: 100 of 100 nodes answered in 1.5 s",
+             "INFO :      No node has answered yet: waiting up to 3600 s for the federation to start",
+             "INFO :      Partition handshake: 10 of 10 nodes answered in 40.2 s; 0 marked absent", "other"]
+    assert B.handshake_seconds(iter(lines)) == pytest.approx(41.7)
