@@ -678,6 +678,11 @@ def engine_sweep_costs(pairs: tuple[tuple[int, int], ...], reps: int = 2) -> lis
     return rows
 
 
+def _seconds_note(r: dict[str, Any]) -> str:
+    """" (12.3)": the run's handshake seconds, where it recorded them."""
+    return f" ({r['handshake_seconds']:.1f})" if "handshake_seconds" in r else ""
+
+
 def _gib(x: float) -> str:
     return f"{x:.2f}"
 
@@ -711,7 +716,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {r['num_clients']} | {r['examples_per_client']:.1f} | {r['explorers']} ({r['explore_fraction']:.1%}) "
             f"| {max(r['sampled_per_round'], default=0)} ({r['fraction_train']:.1%}) | {_gib(r['peak_rss_gib'])} "
             f"| {_gib(r['peak_pss_gib'])} | {_gib(by.get(SIM_KIND, 0))} | {_gib(by.get(ACTOR_KIND, 0))} "
-            f"| {_gib(by.get('ray system', 0))} | {r.get('handshake', 'every node')} ({r.get('handshake_seconds', 0):.1f}) "
+            f"| {_gib(by.get('ray system', 0))} | {r.get('handshake', 'every node')}"
+            f"{_seconds_note(r)} "
             f"| {r['stage0_seconds']:.1f} | {r['train_seconds_mean']:.2f} ({train}) "
             f"| {r['wall_seconds']:.0f} | {cpu.get(SIM_KIND, 0):.0f} / {cpu.get(ACTOR_KIND, 0):.0f} | {load:.1f} |")
     if len(runs) >= 2:
