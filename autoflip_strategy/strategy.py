@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
@@ -81,6 +82,16 @@ def user_config(defaults: Mapping[str, Any], given: ConfigRecord | None, server_
 def _plus(total: int | float | None, per_unit: int | float | None, count: int) -> int | float | None:
     """total + per_unit * count, where an unknown (None) term makes the sum unknown, never wrong."""
     return None if total is None or per_unit is None else total + per_unit * count
+
+
+def clipping_wrapper(caller: object) -> str | None:
+    """The name of the Flower wrapper ``caller`` when it clips replies against the global arrays (Flower's
+    server-side DP), which needs replies in the global layout (``transport="dense"``)."""
+    from flwr.serverapp.strategy import (DifferentialPrivacyServerSideAdaptiveClipping,
+                                         DifferentialPrivacyServerSideFixedClipping)
+
+    clipping = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
+    return type(caller).__name__ if isinstance(caller, clipping) else None
 
 
 def _mb(nbytes: float) -> str:
@@ -488,6 +499,10 @@ class AutoFLIP(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """Exploration before round 1, then this round's mask and one message per sampled node."""
         c, r = self.config, server_round + self._offset
+        caller = sys._getframe(1).f_locals.get("self")  # a wrapper that calls us (Flower's start does not)
+        if c.transport != "dense" and (wrapper := clipping_wrapper(caller)):
+            raise ValueError(f"{wrapper} clips each reply against the global arrays, so AutoFLIP must send "
+                             f"replies in the global layout: use transport=\"dense\" (now {c.transport!r})")
         self._adopt(arrays)
         if not self._started:
             self._stage0(grid)

@@ -272,6 +272,13 @@ def test_differential_privacy_wrapper_composes_and_pruning_stays_intact():
         assert torch.count_nonzero(strategy.state[name][~keep]) == 0, name
 
 
+def test_differential_privacy_wrapper_over_sparse_transport_is_refused_with_the_fix():
+    strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), fraction_evaluate=0.0)
+    dp = DifferentialPrivacyServerSideFixedClipping(strategy, 0.01, 5.0, 2)
+    with pytest.raises(ValueError, match='transport="dense"'):
+        dp.start(InProcessGrid(client_app, 2, {"local-epochs": 1}), theta0(), num_rounds=1)
+
+
 def test_every_client_failing_stops_the_run_with_the_most_common_error():
     def crash_all(partition, msg, reply):
         if msg.metadata.message_type in ("train", P.EXPLORE):
