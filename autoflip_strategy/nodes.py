@@ -295,7 +295,7 @@ class NodeRegistry:
         connected = set(connected)
         for node in [n for n in self.absent if n not in connected]:
             del self.absent[node]
-        if not self.probing or not self.absent:
+        if not self.probing or not (self.absent or self.probes):  # pull answered probes: Flower keeps them till then
             return []
         refusals = []
         try:
