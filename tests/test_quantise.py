@@ -211,3 +211,22 @@ def test_federation_runs_at_reduced_precision(precision, plain):
         else:
             assert residual is None
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8"])
+def test_flower_simulation_runs_at_reduced_precision(precision, tmp_path):
+    """Flower's simulation engine (Ray) with the reference app: 3 rounds, every reply accepted, far above chance."""
+    from runner.simulation import load_results, run_simulation
+
+    config = {"num-server-rounds": 3, "explore-epochs": 1, "local-epochs": 1, "fraction-train": 0.5,
+              "sparsity": 0.5, "structured-sparsity": 0.2, "partitioning": "iid", "seed": 0,
+              "value-precision": precision}
+    results = load_results(run_simulation(config, 4, output_dir=tmp_path, timeout=300, client_cpus=2))
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert all(not r["rejected"] and not r["dropped"] for r in rounds)
+    for r in rounds[1:]:
+        assert r["analytic_bytes_up"] < r["bytes_up"] <= 1.05 * r["analytic_bytes_up"]
+    assert rounds[-1]["density"] == pytest.approx(0.5, abs=0.02)
+    assert rounds[-1]["accuracy"] >= 0.5  # 10 classes: chance is 0.1
