@@ -67,7 +67,7 @@ def test_compose_federation_with_tls_auth_pruning_and_capped_clients():
     assert "E2E OK AutoFLIP over TLS" in out
     assert "E2E OK unregistered SuperNode refused" in out
     assert "ALL CHECKS PASSED" in out
-    if os.environ.get("TIMING_ROUNDS", "4") != "0":
+    if os.environ.get("TIMING_ROUNDS", "3") != "0":
         rows = table_rows(out)
         assert set(rows) == {"FedAvg (dense)", "AutoFLIP default", "AutoFLIP structured 0.5"}, rows
         assert float(rows["FedAvg (dense)"][2]) == 1.0

@@ -465,24 +465,41 @@ def test_dockerfile_installs_cpu_torch_and_the_project():
     assert entry and "flower-superexec" in entry[-1]
 
 
-def test_dockerfile_torch_requirements_follow_pyproject(tmp_path):
-    """Run the RUN line that installs torch (pip replaced by echo) on the real pyproject."""
+def _app_requirements() -> list[str]:
+    """What the image must hold: the library's and the reference app's requirements."""
+    project = pyproject()["project"]
+    deps = project["dependencies"] + project.get("optional-dependencies", {}).get("app", [])
+    return list(dict.fromkeys(d.replace("flwr[simulation]", "flwr") for d in deps))
+
+
+def _req_name(req: str) -> str:
+    return re.split(r"[^A-Za-z0-9_.-]", req, maxsplit=1)[0].lower()
+
+
+@pytest.mark.parametrize("omit", ["", "torchvision"])
+def test_dockerfile_requirements_follow_pyproject(tmp_path, omit):
+    """Run the RUN line that installs the dependencies (pip replaced by echo) on the real pyproject."""
     runs = [a for i, a in dockerfile_instructions() if i == "RUN" and "TORCH_INDEX_URL" in a]
     assert len(runs) == 1, runs
-    req = tmp_path / "torch-requirements.txt"
-    cmd = runs[0].replace("/tmp/torch-requirements.txt", str(req))
+    cmd = re.sub(r"/tmp/([\w.-]+\.txt)", lambda m: str(tmp_path / m.group(1)), runs[0])
     cmd = re.sub(r"python -m pip install", "echo pip install", cmd)
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    env = dict(os.environ, TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu",
+    env = dict(os.environ, TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu", OMIT_PACKAGES=omit,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     res = subprocess.run(["sh", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "--index-url https://download.pytorch.org/whl/cpu" in res.stdout
-    want = [d for d in pyproject()["project"]["dependencies"]
-            if re.split(r"[^A-Za-z0-9_.-]", d, maxsplit=1)[0].lower() in ("torch", "torchvision")]
-    got = req.read_text().splitlines()
-    assert got == (want or ["torch", "torchvision"]), got
-    assert any(g.startswith("torch") and not g.startswith("torchvision") for g in got), got
+    want = [d for d in _app_requirements() if _req_name(d) not in omit.split()]
+    torch_reqs = (tmp_path / "torch-requirements.txt").read_text().splitlines()
+    rest = (tmp_path / "requirements.txt").read_text().splitlines()
+    # torch first from the CPU index, then everything else with torch pinned to that build
+    assert torch_reqs == [d for d in want if _req_name(d) in ("torch", "torchvision")], torch_reqs
+    assert rest == [d for d in want if _req_name(d) not in ("torch", "torchvision")], rest
+    assert any(_req_name(d) == "torch" for d in torch_reqs), torch_reqs
+    assert not any("[simulation]" in d for d in rest), "Ray is not needed in the deployment image"
+    assert (tmp_path / "constraints.txt").read_text().startswith("torch=="), "torch is not pinned"
+    if omit:
+        assert not any(_req_name(d) == omit for d in torch_reqs + rest)
 
 
 def test_dockerfile_copies_everything_the_apps_import():
