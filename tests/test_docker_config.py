@@ -630,6 +630,20 @@ def test_tls_overlay_flags(tls_topo, topo, base, overlay):
     assert len(set(keys)) == len(keys), f"SuperNodes share auth keys: {keys}"
 
 
+def test_edge_overlay_caps_every_client(topo):
+    """docker/edge.yml: every SuperNode and its ClientApp SuperExec get a CPU and memory cap."""
+    edge = load_yaml(DOCKER / "edge.yml")["services"]
+    clients = set(topo.supernodes) | {n for n in topo.superexecs
+                                      if runtime_address(command(topo.services[n])).split(":")[0]
+                                      in topo.supernodes}
+    assert set(edge) == clients, f"edge.yml covers {sorted(edge)}, clients are {sorted(clients)}"
+    for name, svc in edge.items():
+        assert float(interpolate(str(svc["cpus"]))) > 0, name
+        assert re.fullmatch(r"\d+[kmg]", interpolate(str(svc["mem_limit"]))), name
+        assert svc["environment"]["OMP_NUM_THREADS"], name
+    assert topo.superlink not in edge
+
+
 def test_readme_matches_the_compose_files(topo):
     readme = (DOCKER / "README.md").read_text()
     assert "docker compose -f docker/compose.yml up --build -d" in readme
