@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the project with its test extras.
+# Create .venv (if missing) and install the project with the reference app's and the tests' extras.
 # Skipped when .venv already holds an install made from this very pyproject.toml (the stamp file),
 # so `scripts/run.sh` with a bad option fails in seconds; set FORCE_INSTALL=1 to reinstall anyway.
 set -euo pipefail
@@ -14,5 +14,5 @@ if [ "${FORCE_INSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$
   exit 0
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[app,test]"
 echo "$WANT" > "$STAMP"
