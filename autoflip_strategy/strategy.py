@@ -52,7 +52,7 @@ from . import protocol as P
 from .aggregation import (RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric, train_seconds,
                           validate_train_reply)
 from .checkpoint import load_checkpoint, save_checkpoint
-from .codec import CodecError, Layout, decode_guidance, encode_mask, encode_state, record_nbytes
+from .codec import CodecError, Layout, decode_guidance, decode_state, encode_mask, encode_state, record_nbytes
 from .config import RESUME_NEUTRAL, AutoFLIPConfig, resolve_config
 from .costs import training_flops_or_none
 from .failures import RunFailed, condense, most_common_error, with_hint
@@ -199,6 +199,7 @@ class AutoFLIP(Strategy):
         self.mask_version = 0
         self.layout = Layout.build(self.structure, self.mask)
         self.scores: dict[str, torch.Tensor] | None = None
+        self._sent_model: dict[str, torch.Tensor] = {}  # the rounded model clients train from (value-precision < 32)
         self.delivered: dict[int, int] = {}  # node id -> mask version it holds
         self.nodes = NodeRegistry()  # partition handshake and absent nodes (nodes.py)
         self.partitions: dict[int, int] = self.nodes.partitions  # node id -> partition id (or -1)
@@ -306,6 +307,9 @@ class AutoFLIP(Strategy):
         """One message per node: shared model arrays and user config, the mask only where it is missing."""
         arrays = encode_state(self.layout.to_compact(self.state), self.layout, self.config.transport,
                               self.config.value_precision)  # a rounded copy: the master stays float32
+        if message_type == MessageType.TRAIN:  # the guidance refresh measures updates from the rounded copy
+            self._sent_model = {} if self.config.value_precision == "float32" else self.layout.to_global(
+                decode_state(arrays, self.layout, self.config.transport, precision=self.config.value_precision))
         mask = encode_mask(self.layout, self.config.transport) if self.mask_version else None
         hint = self._hint()
         model_bytes, mask_bytes = record_nbytes(arrays) + record_nbytes(hint), record_nbytes(mask) if mask else 0
@@ -540,7 +544,8 @@ class AutoFLIP(Strategy):
                 result: TrainReply = validate_train_reply(
                     content, self.layout, self.mask_version, c.transport, c.max_examples,
                     int(c.max_payload_mb * 2**20), c.value_precision)
-                delta = {n: result.state[n] - self.state[n] for n in self.structure.prunable}
+                start = self._sent_model or self.state  # updates are measured from what the client started from
+                delta = {n: result.state[n] - start[n] for n in self.structure.prunable}
             except RejectedReply as exc:
                 self._note_failure("rejected", node, str(exc))
                 continue

@@ -230,3 +230,46 @@ def test_flower_simulation_runs_at_reduced_precision(precision, tmp_path):
         assert r["analytic_bytes_up"] < r["bytes_up"] <= 1.05 * r["analytic_bytes_up"]
     assert rounds[-1]["density"] == pytest.approx(0.5, abs=0.02)
     assert rounds[-1]["accuracy"] >= 0.5  # 10 classes: chance is 0.1
+
+
+def test_update_statistics_are_measured_from_the_model_clients_received():
+    """At int8 the clients start from a rounded copy; the guidance refresh must measure their updates from it,
+    not from the float32 master (the rounding offset would look like an update every client agrees on)."""
+    from flwr.app import ArrayRecord
+    from flwr.clientapp import ClientApp
+
+    from autoflip_strategy import AutoFLIP, AutoFLIPClient, AutoFLIPConfig, TrainOutcome
+    from autoflip_task.models import build_model, example_input
+    from runner.inprocess import InProcessGrid
+
+    shape, received = (1, 8, 8), []
+
+    def train_fn(model, task):
+        if task.phase == "train":
+            received.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+        return TrainOutcome(num_examples=8, loss=float(loss.detach()))
+
+    app = AutoFLIPClient(lambda context: build_model("cnn", shape, 10), train_fn).register(ClientApp())
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model("cnn", shape, 10).state_dict())
+    config = AutoFLIPConfig(explore_epochs=1, fraction_train=1.0, fraction_evaluate=0.0, sparsity=0.5,
+                            value_precision="int8")
+    strategy = AutoFLIP(build_model("cnn", shape, 10), example_input(shape, 10), config)
+    strategy.start(InProcessGrid(app, 2, wire=True), arrays, num_rounds=1)
+    assert len(received) == 2
+    sent = strategy.layout.to_compact(strategy._sent_model)
+    for got in received:
+        assert all(torch.equal(got[n], sent[n]) for n in strategy.structure.prunable)
+    # ... which is not the float32 master it was rounded from (round 1: θ₀ under the mask)
+    master = {n: t.float() for n, t in arrays.to_torch_state_dict().items()}
+    apply_mask(master, strategy.layout.tensor_masks)
+    master = strategy.layout.to_compact(master)
+    for n in strategy.structure.prunable:
+        assert not torch.equal(sent[n], master[n])
+        assert float((sent[n] - master[n]).abs().max()) <= 0.5 / 127 * float(master[n].abs().max()) * 1.001
