@@ -518,10 +518,14 @@ def _compute_partitions(
         partitioner = NaturalIdPartitioner(partition_by="group")
     partitioner.dataset = Dataset.from_dict(columns).shuffle(seed=seed)
     try:
-        parts = [
-            np.asarray(partitioner.load_partition(pid)["index"], np.int64)
-            for pid in range(num_partitions)
-        ]
+        if partitioning == "iid":  # IidPartitioner's contiguous shards, cut at once (not 1 ms per partition)
+            order = np.asarray(partitioner.dataset["index"], np.int64)
+            parts = [np.array(part) for part in np.array_split(order, num_partitions)]
+        else:
+            parts = [
+                np.asarray(partitioner.load_partition(pid)["index"], np.int64)
+                for pid in range(num_partitions)
+            ]
     except ValueError as exc:
         if "attempts" not in str(exc):  # only flwr's Dirichlet resampling limit
             raise
