@@ -201,6 +201,9 @@ class AutoFLIPClient:
     def explore(self, msg: Message, context: Context) -> Message:
         """Train from θ₀ with early stopping and return (θ_k - θ₀)² per prunable weight."""
         cfg, user = split_config(msg)
+        kind = str(cfg.get(P.EXPLORE_KIND, "guidance"))
+        if kind != "guidance":
+            raise ClientProtocolError(f"this client cannot explore for {kind!r} (it returns 'guidance')")
         model = self.model_fn(context)
         theta0 = {k: v.float() for k, v in msg.content[P.MODEL].to_torch_state_dict().items()}
         model.load_state_dict(theta0, strict=False)

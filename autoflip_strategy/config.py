@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .scoring import METHODS
+
 
 class ConfigError(ValueError):
     """A run-config value that is missing, of the wrong type or out of range."""
@@ -55,7 +57,7 @@ def parse_options(raw: Mapping[str, Any], options: Sequence[Option], strict: boo
 
 STRATEGY_OPTIONS: tuple[Option, ...] = (
     Option("strategy", "autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, or PruneFL-style global magnitude pruning.",
-           choices=("autoflip", "fedavg", "random", "magnitude")),
+           choices=tuple(METHODS)),
     Option("sparsity", 0.5, "Fraction of all prunable weights removed (units and single weights together); final density is 1 - sparsity.",
            low=0.0, high=1.0, high_open=True),
     Option("structured-sparsity", 0.2, "Fraction of units (filters, neurons, LSTM units) removed from every prunable layer.",
@@ -168,7 +170,7 @@ class AutoFLIPConfig:
 
     @property
     def prunes(self) -> bool:
-        return self.strategy != "fedavg"
+        return METHODS[self.strategy].prunes
 
 
 _KEYS = {o.key for o in STRATEGY_OPTIONS}

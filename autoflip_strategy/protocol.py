@@ -40,6 +40,7 @@ SEED = "seed"
 EPOCHS = "epochs"
 PATIENCE = "patience"
 PRECISION = "guidance-precision"
+EXPLORE_KIND = "explore-kind"  # what an explorer returns (scoring.Method.explore_kind); absent means "guidance"
 VALUE_PRECISION = "value-precision"  # model values on the wire (quantise.py); absent means float32
 CONFIG_KEY = "config-key"  # where the user's config is in this message
 WEIGHT_KEY = "weighted-by-key"  # the metric that carries the example count

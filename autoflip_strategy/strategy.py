@@ -56,9 +56,10 @@ from .codec import CodecError, Layout, decode_guidance, decode_state, encode_mas
 from .config import RESUME_NEUTRAL, AutoFLIPConfig, resolve_config
 from .costs import training_flops_or_none
 from .failures import RunFailed, condense, most_common_error, with_hint
-from .masks import HybridMask, apply_mask, compute_hybrid_mask, dense_mask, empty_output_rows, scheduled_sparsity
+from .masks import HybridMask, apply_mask, dense_mask, empty_output_rows
 from .nodes import NodeRegistry, one_reply_per_node, wait_for_nodes
 from .intake import IntakeReport, intake_model, log_report
+from .scoring import Method, MethodContext, build_method, round_mask
 from .structure import ModelStructure, structure_to_json
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -193,6 +194,7 @@ class AutoFLIP(Strategy):
         self._structure_json = structure_to_json(self.structure)
         self._model = model
         self._example_input = example_input
+        self.method: Method = build_method(MethodContext(self.config, self.structure, model, example_input))
         self._flops_per_example: dict[int, int | None] = {}  # None: the model's FLOPs cannot be counted
         self.state: dict[str, torch.Tensor] = {}
         self.mask: HybridMask = dense_mask(self.structure)
@@ -227,7 +229,8 @@ class AutoFLIP(Strategy):
         log(INFO, "\t│\t├── ArrayRecord key: '%s'", self.arrayrecord_key)
         log(INFO, "\t│\t└── ConfigRecord key: '%s'", self.configrecord_key)
         log(INFO, "\t├──> Method: %s | sparsity %.2f (structured %.2f) | transport %s, values %s | max failed "
-            "rounds %d", c.strategy, c.sparsity if c.prunes else 0.0, c.structured_sparsity if c.prunes else 0.0,
+            "rounds %d", c.strategy, c.sparsity if self.method.prunes else 0.0,
+            c.structured_sparsity if self.method.prunes else 0.0,
             c.transport, c.value_precision, c.max_failed_rounds)
         log(INFO, "\t├──> Units: %s", ", ".join(f"{g.name}[{g.size}]" for g in self.structure.groups))
         log(INFO, "\t└──> Prunable weights: %d in %d tensors", self.structure.num_prunable, len(self.structure.prunable))
@@ -254,13 +257,13 @@ class AutoFLIP(Strategy):
         if missing:
             raise ValueError(f"the arrays lack tensors of the model: {sorted(missing)}")
         self.state = {n: given[n].detach().float().clone() for n in self.structure.shapes}
-        if self.config.prunes:
+        if self.method.prunes:
             apply_mask(self.state, self.layout.tensor_masks)
 
     def _write_back(self, arrays: ArrayRecord) -> None:
         """Zero the pruned coordinates in the caller's record too, so whoever holds it (Flower's start, a DP
         wrapper's clipping reference, central evaluation) works with the pruned model."""
-        for name in self.layout.tensor_masks if self.config.prunes else ():
+        for name in self.layout.tensor_masks if self.method.prunes else ():
             if name in arrays:
                 arrays[name] = Array(self.state[name].numpy().astype(arrays[name].numpy().dtype, copy=False))
 
@@ -312,12 +315,14 @@ class AutoFLIP(Strategy):
                 decode_state(arrays, self.layout, self.config.transport, precision=self.config.value_precision))
         mask = encode_mask(self.layout, self.config.transport) if self.mask_version else None
         hint = self._hint()
-        model_bytes, mask_bytes = record_nbytes(arrays) + record_nbytes(hint), record_nbytes(mask) if mask else 0
+        extra = self.method.request_records(self.state, self.layout) if message_type == MessageType.TRAIN else {}
+        model_bytes = record_nbytes(arrays) + record_nbytes(hint) + sum(record_nbytes(r) for r in extra.values())
+        mask_bytes = record_nbytes(mask) if mask else 0
         messages = []
         for node in nodes:
             needs_mask = self.delivered.get(node) != self.mask_version
             content = RecordDict({self.arrayrecord_key: hint, self.configrecord_key: config, P.MODEL: arrays,
-                                  P.SETTINGS: self._settings(server_round, node)})
+                                  P.SETTINGS: self._settings(server_round, node), **extra})
             if needs_mask and mask is not None:
                 content[P.MASK] = mask
             structure_bytes = len(self._structure_json) if needs_mask else 0  # sent with a new mask version
@@ -388,7 +393,7 @@ class AutoFLIP(Strategy):
     # --------------------------------------------------------------- stage 0
     def _stage0(self, grid: Grid) -> None:
         """Round 0: exploration (AutoFLIP) or just the initial record (baselines), before round 1 trains."""
-        explores = self.config.strategy == "autoflip"
+        explores = self.method.explores
         self._new_round(0, "explore" if explores else "init")
         if explores:
             log(INFO, "")
@@ -411,7 +416,8 @@ class AutoFLIP(Strategy):
         sent = []
         for node in nodes:
             cfg = ConfigRecord({P.ROUND: 0, P.SEED: c.seed, P.EPOCHS: c.explore_epochs, P.PATIENCE: c.explore_patience,
-                                P.PRECISION: c.guidance_precision, P.CONFIG_KEY: self.configrecord_key})
+                                P.PRECISION: c.guidance_precision, P.CONFIG_KEY: self.configrecord_key,
+                                P.EXPLORE_KIND: self.method.explore_kind})
             content = RecordDict({self.arrayrecord_key: self._hint(), self.configrecord_key: config, P.MODEL: theta0,
                                   P.SETTINGS: cfg})
             sent.append(Message(content, dst_node_id=node, message_type=P.EXPLORE))
@@ -443,11 +449,9 @@ class AutoFLIP(Strategy):
             weights.append(float(n) if c.explore_weighting == "examples" else 1.0)
         log(INFO, "aggregate_explore: Received %d guidance matrices and %d failures", len(matrices),
             len(self._round["dropped"]) + len(self._round["rejected"]))
-        if matrices:
-            self.scores = G.normalise(G.weighted_mean(matrices, weights), c.guidance_norm)
-        else:
+        if not matrices:
             log(WARNING, "Exploration returned no valid guidance: falling back to weight magnitudes")
-            self.scores = G.magnitude(self.state, self.structure.prunable, c.guidance_norm)
+        self.scores = self.method.explored(G.weighted_mean(matrices, weights) if matrices else None, self.state)
 
     def _validate_guidance(self, content: RecordDict) -> tuple[dict[str, torch.Tensor], int, int]:
         guidance, metrics = content.get(P.GUIDANCE), content.get(P.METRICS)
@@ -466,11 +470,9 @@ class AutoFLIP(Strategy):
 
     # ----------------------------------------------------------- each round
     def _update_mask(self, server_round: int) -> None:
-        c = self.config
-        if not c.prunes:
+        if not self.method.prunes:
             return
-        # a random mask is drawn once
-        changed = not (c.strategy == "random" and self.mask_version) and self._recompute_mask(server_round)
+        changed = not (self.method.fixed and self.mask_version) and self._recompute_mask(server_round)
         empty = empty_output_rows(self.mask.weights, self.structure)
         if changed and empty:
             log(WARNING, "Mask v%d leaves output rows with no input (%s): those outputs keep only their bias; "
@@ -480,18 +482,8 @@ class AutoFLIP(Strategy):
 
     def _recompute_mask(self, server_round: int) -> bool:
         """Recompute the mask from the current scores and apply it; True when it changed."""
-        c = self.config
-        if c.strategy == "random" and self.scores is None:
-            gen = torch.Generator().manual_seed(c.seed)
-            self.scores = {n: torch.rand(self.structure.shapes[n], generator=gen) for n in self.structure.prunable}
-        elif c.strategy == "magnitude":
-            self.scores = G.magnitude(self.state, self.structure.prunable, c.guidance_norm)
-        ramp = 0 if c.strategy == "random" else c.sparsity_ramp_rounds
-        sparsity = scheduled_sparsity(server_round, c.sparsity_initial, c.sparsity, ramp)
-        structured = c.structured_sparsity * (sparsity / c.sparsity) if c.sparsity > 0 else c.structured_sparsity
         previous = self.mask if self.mask_version else None
-        mask = compute_hybrid_mask(self.scores, self.structure, sparsity, structured, previous, c.regrowth,
-                                   c.min_output_density)
+        self.scores, mask = round_mask(self.method, self.scores, self.state, previous, server_round)
         changed = not mask.equals(self.mask)
         if changed:
             self.mask, self.mask_version = mask, self.mask_version + 1
@@ -525,7 +517,7 @@ class AutoFLIP(Strategy):
         return messages
 
     def _density(self) -> float:
-        return self.mask.density() if self.config.prunes else 1.0
+        return self.mask.density() if self.method.prunes else 1.0
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -574,8 +566,8 @@ class AutoFLIP(Strategy):
         self.state.update(average.result())
         apply_mask(self.state, self.layout.tensor_masks)
         self._round["train_flops"] = _plus(self._round["train_flops"], self._flops(), sum(n * e for n, e in examples))
-        if c.strategy == "autoflip" and self.scores is not None:
-            self.scores = G.refresh(self.scores, stats, c.guidance_decay, c.agreement_weight, c.guidance_norm)
+        if self.scores is not None:
+            self.scores = self.method.refresh(self.scores, stats)
         try:
             metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         except Exception as exc:  # the user's aggregation must not lose the round's model

@@ -1,0 +1,179 @@
+"""The pluggable *method*: what decides which weights matter, one object per method.
+
+The strategy never branches on the method's name; it asks the :class:`Method` object the questions
+below, at fixed points of a run. A method is built once per strategy (``METHODS[name](MethodContext)``)
+and holds no run state of its own: the current scores live in the strategy (and its checkpoint), and are
+handed in and returned, so a resumed run continues with the same scores.
+
+What the strategy asks (and when)
+---------------------------------
+``prunes``
+    False only for plain FedAvg: no mask, no scores, dense everything.
+``explores``
+    Whether stage 0 (before round 1) runs the exploration stage: sampled explorers train from θ₀ and
+    each returns one non-negative matrix per prunable weight (``guidance`` record, checked by
+    :func:`.aggregation.validate_explore_reply`). The server streams them into one weighted mean
+    (weighted by examples or uniformly, ``explore-weighting``).
+``explore_kind``
+    What the explorers are asked to return (sent to them under ``P.EXPLORE_KIND``): ``"guidance"`` is
+    AutoFLIP's ``(θ_k - θ₀)²``; a new method picks a new name and the client side answers it
+    (:meth:`.client.AutoFLIPClient.explore`).
+``explored(mean, state)``
+    The initial scores from the explorers' mean (``None``: no valid reply; the default falls back to
+    weight magnitudes, as AutoFLIP does).
+``round_scores(scores, state)``
+    The scores this round's mask is computed from, given the current scores (``None`` before the first
+    mask of a method that does not explore) and the current global model: magnitude recomputes |θ|,
+    random draws its scores once, AutoFLIP returns its guidance. Called every round unless ``fixed``.
+``fixed``
+    The mask is computed once (its first non-trivial version) and never again (random, and the
+    at-initialisation methods).
+``ramps``
+    Whether ``sparsity-ramp-rounds`` applies (a fixed random mask does not ramp).
+``refresh(scores, stats)``
+    After each round's aggregation, the scores for the next round from the round's update statistics
+    (:class:`.guidance.UpdateStatistics`, measured from the model the clients received). Default: unchanged.
+``request_records(state, layout)``
+    Extra per-round payload for every training message (``{record key: ArrayRecord}``), counted in the
+    round's bytes down. Default: none.
+
+Adding a method (e.g. ``snip``): subclass :class:`Method`, set the flags, override what differs, add it to
+:data:`METHODS` (the ``strategy`` option's choices are read from it), and, when it explores with a new
+``explore_kind``, answer that kind on the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from . import guidance as G
+from .masks import HybridMask, compute_hybrid_mask, scheduled_sparsity
+
+if TYPE_CHECKING:  # config imports this module (the method names); only the type is needed here
+    from .config import AutoFLIPConfig
+    from .geometry import Layout
+    from .structure import ModelStructure
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know about the run: its settings and the model (architecture, example batch)."""
+
+    config: AutoFLIPConfig
+    structure: ModelStructure
+    model: nn.Module
+    example_input: torch.Tensor
+
+
+class Method:
+    """A method with AutoFLIP's defaults for every question (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    prunes: ClassVar[bool] = True
+    explores: ClassVar[bool] = False
+    explore_kind: ClassVar[str] = "guidance"
+    fixed: ClassVar[bool] = False
+    ramps: ClassVar[bool] = True
+
+    def __init__(self, context: MethodContext) -> None:
+        self.context = context
+
+    def explored(self, mean: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+        """Initial scores from the explorers' mean: normalised, or |θ| when no explorer's reply was valid."""
+        c = self.context.config
+        if mean is None:
+            return G.magnitude(state, self.context.structure.prunable, c.guidance_norm)
+        return G.normalise(mean, c.guidance_norm)
+
+    def round_scores(self, scores: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+        if scores is None:
+            raise ValueError(f"method {self.name!r} has no scores yet (exploration did not run)")
+        return scores
+
+    def refresh(self, scores: Tensors, stats: G.UpdateStatistics) -> Tensors:
+        return scores
+
+    def request_records(self, state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, ArrayRecord]:
+        return {}
+
+
+class FedAvgMethod(Method):
+    """Plain FedAvg: nothing is pruned."""
+
+    name = "fedavg"
+    prunes = False
+
+
+class GuidanceMethod(Method):
+    """AutoFLIP: exploration's guidance, refreshed every round by the clients' agreeing updates."""
+
+    name = "autoflip"
+    explores = True
+
+    def refresh(self, scores: Tensors, stats: G.UpdateStatistics) -> Tensors:
+        c = self.context.config
+        return G.refresh(scores, stats, c.guidance_decay, c.agreement_weight, c.guidance_norm)
+
+
+class MagnitudeMethod(Method):
+    """PruneFL-style global magnitude pruning: |θ| of the current global model, every round."""
+
+    name = "magnitude"
+
+    def round_scores(self, scores: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+        return G.magnitude(state, self.context.structure.prunable, self.context.config.guidance_norm)
+
+
+class RandomMethod(Method):
+    """A random mask (seeded scores drawn once), fixed after its first computation and not ramped."""
+
+    name = "random"
+    fixed = True
+    ramps = False
+
+    def round_scores(self, scores: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+        if scores is not None:
+            return scores
+        s = self.context.structure
+        gen = torch.Generator().manual_seed(self.context.config.seed)
+        return {n: torch.rand(s.shapes[n], generator=gen) for n in s.prunable}
+
+
+METHODS: dict[str, type[Method]] = {
+    "autoflip": GuidanceMethod,
+    "fedavg": FedAvgMethod,
+    "random": RandomMethod,
+    "magnitude": MagnitudeMethod,
+}
+"""Every method by its ``strategy`` option value; the option's choices are these keys."""
+
+
+def build_method(context: MethodContext) -> Method:
+    """The method object for ``context.config.strategy``."""
+    try:
+        return METHODS[context.config.strategy](context)
+    except KeyError:
+        raise ValueError(f"unknown method {context.config.strategy!r}; known: {sorted(METHODS)}") from None
+
+
+def round_mask(method: Method, scores: Tensors | None, state: Mapping[str, torch.Tensor],
+               previous: HybridMask | None, server_round: int) -> tuple[Tensors, HybridMask]:
+    """This round's scores and the hybrid mask they give, at the round's (ramped) sparsity.
+
+    Structured sparsity ramps in proportion to the total; ``previous`` (the mask in force, ``None`` before
+    the first) keeps pruned weights pruned unless ``regrowth``."""
+    c, structure = method.context.config, method.context.structure
+    scores = method.round_scores(scores, state)
+    sparsity = scheduled_sparsity(server_round, c.sparsity_initial, c.sparsity,
+                                  c.sparsity_ramp_rounds if method.ramps else 0)
+    structured = c.structured_sparsity * (sparsity / c.sparsity) if c.sparsity > 0 else c.structured_sparsity
+    mask = compute_hybrid_mask(scores, structure, sparsity, structured, previous, c.regrowth, c.min_output_density)
+    return scores, mask
