@@ -1,0 +1,121 @@
+"""Sign supermask transport (lossless, ~1 bit per kept weight, strict) and the weighted sign vote."""
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from autoflip_strategy.codec import ARRAY_HEADER_BYTES, CodecError, Layout, record_nbytes
+from autoflip_strategy.masks import compute_hybrid_mask
+from autoflip_strategy.signs import (SIGNS, SignVote, analytic_sign_bytes, decode_signs, encode_signs, kept_signs,
+                                     signed_weights)
+from autoflip_strategy.structure import discover_structure
+from models_under_test import ALL
+
+
+def setup(name="cnn", sparsity=0.6, structured=0.25):
+    torch.manual_seed(0)
+    model, x = ALL[name]()
+    s = discover_structure(model, x)
+    mask = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, sparsity, structured)
+    layout = Layout.build(s, mask)
+    compact = layout.to_compact({n: t.float() for n, t in model.state_dict().items() if n in s.shapes})
+    bits = {n: torch.rand(c) < 0.5 for n, c in layout.kept_counts().items()}
+    others = {n: t for n, t in compact.items() if n not in s.prunable}
+    return layout, compact, bits, others
+
+
+def b(*values):
+    return torch.tensor(values, dtype=torch.bool)
+
+
+def test_vote_by_hand():
+    vote = SignVote()
+    vote.add({"w": b(1, 1, 0, 0), "v": b(1)}, 1.0)
+    vote.add({"w": b(0, 1, 0, 1), "v": b(0)}, 2.0)
+    vote.add({"w": b(1, 0, 0, 1), "v": b(0)}, 3.0)
+    # w: (+1-2+3, +1+2-3, -1-2-3, -1+2+3) = (2, 0, -6, 4); v: 1-2-3 = -4
+    previous = {"w": b(0, 1, 1, 0), "v": b(1)}
+    out = vote.result(previous)
+    assert out["w"].tolist() == [True, True, False, True]  # the tie (0) keeps the previous +1
+    assert out["v"].tolist() == [False]
+    assert vote.agreement() == pytest.approx((2 + 0 + 6 + 4 + 4) / (6 * 5))
+    tie = SignVote()
+    tie.add({"w": b(1, 0)}, 2.0)
+    tie.add({"w": b(0, 1)}, 2.0)
+    assert tie.result({"w": b(0, 1)})["w"].tolist() == [False, True]
+    assert SignVote().result(previous)["w"].tolist() == previous["w"].tolist()
+    with pytest.raises(ValueError):
+        vote.add({"w": b(1, 1, 1, 1)}, 0.0)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_signs_round_trip_is_lossless(name):
+    layout, _, bits, others = setup(name)
+    back_bits, back_others = decode_signs(encode_signs(bits, others, layout), layout)
+    assert all(torch.equal(back_bits[n], bits[n]) for n in bits)
+    assert all(torch.equal(back_others[n], others[n].float()) for n in others)
+
+
+def test_signed_weights_keep_magnitudes_and_carry_the_signs():
+    layout, compact, bits, _ = setup("cnn")
+    signed = signed_weights(compact, bits, layout)
+    assert all(torch.equal(kept_signs(signed, layout)[n], bits[n]) for n in bits)
+    for n, keep in layout.compact_masks.items():
+        assert torch.equal(signed[n].abs()[keep], compact[n].abs()[keep]) and not signed[n][~keep].any()
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_realised_bytes_are_one_bit_per_kept_weight_plus_headers(name):
+    layout, _, bits, others = setup(name, sparsity=0.5, structured=0.0)
+    record = encode_signs(bits, others, layout)
+    kept = sum(layout.kept_counts().values())
+    limit = (kept + 7) // 8 + ARRAY_HEADER_BYTES
+    signs_only = len(record[SIGNS].data)
+    assert signs_only == limit  # exactly the physical limit: one header, ceil(kept / 8) bytes
+    assert signs_only <= 1.05 * limit
+    assert record_nbytes(record) == analytic_sign_bytes(layout) + ARRAY_HEADER_BYTES * len(record)
+    assert 32 * kept / (8 * signs_only) > 20  # vs float32 values of the same kept weights
+
+
+def replace(record: ArrayRecord, name: str, array) -> ArrayRecord:
+    arrays = dict(record.items())
+    arrays[name] = array
+    return ArrayRecord(array_dict=arrays)
+
+
+def test_malformed_sign_payloads_are_rejected():
+    layout, _, bits, others = setup("cnn")
+    good = encode_signs(bits, others, layout)
+    packed = good[SIGNS].numpy()
+    kept = sum(layout.kept_counts().values())
+    assert kept % 8, "the test needs padding bits"
+    padded = packed.copy()
+    padded[-1] |= 1  # a padding bit set
+    buffer = io.BytesIO()
+    np.savez(buffer, packed)
+    zipped = Array(dtype="uint8", shape=tuple(packed.shape), stype="numpy.ndarray", data=buffer.getvalue())
+    pickled = Array(dtype="uint8", shape=tuple(packed.shape), stype="numpy.ndarray", data=pickle.dumps(packed))
+    some_other = next(iter(others))
+    nan = others[some_other].clone().float()
+    nan.view(-1)[0] = float("nan")
+    bad = {
+        "padding": replace(good, SIGNS, Array(padded)),
+        "short": replace(good, SIGNS, Array(packed[:-1])),
+        "long": replace(good, SIGNS, Array(np.concatenate([packed, packed[:1]]))),
+        "dtype": replace(good, SIGNS, Array(packed.astype(np.int16))),
+        "zip": replace(good, SIGNS, zipped),
+        "pickle": replace(good, SIGNS, pickled),
+        "nan": replace(good, some_other, Array(nan.numpy())),
+        "extra": replace(good, "signs/extra", Array(packed)),
+        "missing": ArrayRecord(array_dict={k: v for k, v in good.items() if k != some_other}),
+    }
+    for why, record in bad.items():
+        with pytest.raises(CodecError):
+            decode_signs(record, layout)
+            pytest.fail(why)
+    with pytest.raises(CodecError, match="exceeds"):
+        decode_signs(good, layout, max_bytes=8)
