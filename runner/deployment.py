@@ -42,7 +42,6 @@ Command line (prints the per-round progress lines, then the results path)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -53,32 +52,20 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any
 
+from runner.common import (ANSI, LauncherError, LineSink, connection_config, console_script, emit, file_text,
+    free_port, json_in, launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, start_on_free_port,
+    tail, wait_finished, wait_healthy)
 from runner.processes import cmdline, is_alive, our_processes, stop_all
-from runner.simulation import (  # shared launcher helpers
-    FINAL_GRACE,
-    _bin,
-    _emit,
-    _file_text,
-    _free_port,
-    _tail,
-    _wait_healthy,
-    check_run_config,
-    final_record,
-    find_results,
-    load_results,  # noqa: F401 - re-exported for callers of this module
-    not_completed,
-    parse_override_args,
-    resolve_path_keys,
-    run_outcome,
-    toml_key,
-    toml_value,
-)
+from runner.results import (  # noqa: F401 - load_results re-exported for callers of this module
+    RESULTS_PATTERN, FinalGrace, find_results, judge_run, load_results, report, run_candidates)
+from runner.runconfig import (OUTPUT_DIR_KEY, check_run_config, parse_override_args, resolve_path_keys, toml_document,
+    toml_pairs)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENERATE_CERTS = REPO_ROOT / "docker" / "generate_certs.sh"
@@ -86,25 +73,12 @@ CONNECTION = "loopback"
 """Name of the SuperLink connection in the federation's ``config.toml``."""
 MARKER_VAR = "AUTOFLIP_DEPLOYMENT_MARKER"
 """Environment variable, unique per federation, inherited by every process it starts."""
-RESULTS_PATTERN = "*/results.json"
-OUTPUT_DIR_KEY = "output-dir"
-QUIET_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "PYTHONUNBUFFERED": "1",
-}
 ISOLATION_MODES = ("subprocess", "process")
 TAIL_LINES = 40
 CLI_TIMEOUT = 120.0
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)")
-
-LineSink = Callable[[str], None] | TextIO
 
 
 class DeploymentError(RuntimeError):
@@ -143,20 +117,6 @@ class RunRecord:
     output: list[str] = field(default_factory=list)
     """``flwr run --stream`` output lines (ANSI colours removed)."""
     seconds: float = 0.0
-
-
-# ---------------------------------------------------------------- helpers
-def _json_in(text: str) -> dict[str, Any]:
-    """The first JSON object in CLI output that starts at the beginning of a line."""
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"(?m)^\{", text):
-        try:
-            value, _ = decoder.raw_decode(text[m.start():])
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    raise ValueError(f"no JSON object in {text[-500:]!r}")
 
 
 # ------------------------------------------------------------ federation
@@ -259,22 +219,11 @@ class LoopbackFederation:
 
     # ----------------------------------------------------- environment
     def process_env(self, home: Path | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(QUIET_ENV)
-        env.update(self.extra_env)
-        env["FLWR_HOME"] = str(home or self.home)
-        env[MARKER_VAR] = self.marker
-        # SuperNodes and SuperLinks spawn `flower-superexec` / `flwr-clientapp` by name.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.pop("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", None)
-        return env
+        return launcher_env(home or self.home, MARKER_VAR, self.marker, self.extra_env)
 
     def _write_config(self) -> None:
-        conn = f'address = "{self.address}"\n'
-        conn += (f'root-certificates = {toml_value(str(self.certs / "ca.crt"))}\n' if self.tls
-                 else "insecure = true\n")
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{conn}')
+            connection_config(CONNECTION, self.address, self.certs / "ca.crt" if self.tls else None))
 
     # ------------------------------------------------------- processes
     def _popen(self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -385,7 +334,7 @@ class LoopbackFederation:
             raise DeploymentError(f"{GENERATE_CERTS} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
 
     def _superlink_cmd(self) -> list[str]:
-        cmd = [_bin("flower-superlink"), "--isolation", self.isolation, "--host", "127.0.0.1",
+        cmd = [console_script("flower-superlink"), "--isolation", self.isolation, "--host", "127.0.0.1",
                "--port", str(self.port), "--disable-runtime-dependency-installation"]
         if self.tls:
             cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
@@ -400,22 +349,21 @@ class LoopbackFederation:
         log = self.logs / "superlink.log"
         url = f"{'https' if self.tls else 'http'}://127.0.0.1"
         context = ssl.create_default_context(cafile=str(self.certs / "ca.crt")) if self.tls else None
-        for _ in range(3):  # a port picked as free can be taken before the SuperLink binds it
-            self.port = _free_port()
+
+        def start(port: int) -> subprocess.Popen[bytes]:
+            self.port = port
             self._write_config()
-            proc = self._popen("superlink", self._superlink_cmd(), self.process_env(), self.home)
-            if _wait_healthy(proc, log, f"{url}:{self.port}", deadline, context):
-                return
-            self._stop_popen(proc)
-            if time.monotonic() > deadline:
-                break
-        raise DeploymentError(f"the SuperLink did not start:\n{self.diagnostics()}")
+            return self._popen("superlink", self._superlink_cmd(), self.process_env(), self.home)
+
+        port = start_on_free_port(start, lambda proc, port: wait_healthy(proc, log, f"{url}:{port}", deadline, context),
+                                  self._stop_popen, deadline)
+        if port is None:
+            raise DeploymentError(f"the SuperLink did not start:\n{self.diagnostics()}")
 
     def _supernode_cmd(self, partition_id: int, key: Path | None, num_partitions: int) -> list[str]:
         config = {"partition-id": partition_id, "num-partitions": num_partitions, **self.node_config}
-        cmd = [_bin("flower-supernode"), "--superlink", self.address, "--isolation", self.isolation,
-               "--host", "127.0.0.1", "--port", str(_free_port()),
-               "--node-config", " ".join(f"{toml_key(k)}={toml_value(v)}" for k, v in config.items())]
+        cmd = [console_script("flower-supernode"), "--superlink", self.address, "--isolation", self.isolation,
+               "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", toml_pairs(config)]
         cmd += ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
@@ -431,7 +379,7 @@ class LoopbackFederation:
     def _wait_node_id(self, name: str, deadline: float) -> int:
         proc, log = self._popens[name], self.logs / f"{name}.log"
         while True:
-            if (m := _NODE_ID.search(_file_text(log))) is not None:
+            if (m := _NODE_ID.search(file_text(log))) is not None:
                 return int(m.group(1))
             if proc.poll() is not None:
                 raise _ExitedEarly(name)
@@ -451,7 +399,7 @@ class LoopbackFederation:
         """Run several ``flwr`` commands at the same time (each CLI start costs seconds of CPU)."""
         procs = []
         for args in commands:
-            proc = subprocess.Popen([_bin("flwr"), *args], env=self.process_env(), cwd=self.home,
+            proc = subprocess.Popen([console_script("flwr"), *args], env=self.process_env(), cwd=self.home,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, errors="replace", start_new_session=True)
             self._popens[f"flwr-{proc.pid}"] = proc
@@ -466,7 +414,7 @@ class LoopbackFederation:
                     self._stop_popen(proc)
                     out, _ = proc.communicate()
                     raise DeploymentError(f"`flwr {' '.join(args)}` timed out after {timeout:.0f} s:\n{out}") from None
-                results.append(subprocess.CompletedProcess(proc.args, proc.returncode, _ANSI.sub("", out), ""))
+                results.append(subprocess.CompletedProcess(proc.args, proc.returncode, ANSI.sub("", out), ""))
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -486,7 +434,7 @@ class LoopbackFederation:
         """``flwr supernode list --format json``: one dict per SuperNode known to the SuperLink."""
         res = self.flwr("supernode", "list", CONNECTION, "--format", "json")
         try:
-            payload = _json_in(res.stdout)
+            payload = json_in(res.stdout)
         except ValueError:
             raise DeploymentError(f"`flwr supernode list` gave no JSON ({res.returncode}):\n"
                                   f"{res.stdout}{res.stderr}") from None
@@ -496,12 +444,9 @@ class LoopbackFederation:
     def run_status(self, run_id: str) -> dict[str, Any] | None:
         """Flower's record of a run (``status`` e.g. ``finished:completed``), or None if unavailable."""
         try:
-            out = self.flwr("list", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60).stdout
-            payload = _json_in(out)
-        except (DeploymentError, ValueError, OSError):
+            return run_status_in(self.flwr(*run_status_args(CONNECTION, run_id), timeout=60).stdout)
+        except (DeploymentError, LauncherError, OSError):
             return None
-        runs = payload.get("runs") or []
-        return runs[0] if runs else None
 
     # ----------------------------------------------------------------- run
     def run(
@@ -525,7 +470,6 @@ class LoopbackFederation:
         if not self._started:
             raise RuntimeError("start the federation first (use it as a context manager)")
         started = time.monotonic()
-        deadline = started + timeout
         app_dir = Path(app_dir).resolve()
         overrides = resolve_path_keys(dict(run_config or {}), Path.cwd())
         if OUTPUT_DIR_KEY not in overrides:
@@ -537,93 +481,67 @@ class LoopbackFederation:
         before = find_results(output_dir, results_pattern)
         record = RunRecord()
         self.runs.append(record)
-
-        index = len(self.runs)
-        cfg_file = self.workdir / f"run-{index}-config.toml"
-        cfg_file.write_text("".join(f"{toml_key(k)} = {toml_value(v)}\n" for k, v in overrides.items()))
-        out_log = self.logs / f"flwr-run-{index}.log"
-        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(cfg_file)]
-        failure: str | None = None
-        with out_log.open("wb") as fh:
-            cli = subprocess.Popen(cmd, env=self.process_env(), cwd=self.home, stdin=subprocess.DEVNULL,
-                                   stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        self._popens[f"flwr-run-{index}"] = cli
-        seen_lines = 0
-        final_at: float | None = None  # when the ServerApp's final record appeared
-
-        def past_grace() -> bool:
-            nonlocal final_at
-            if final_at is None and final_record(output_dir, before, record.output, results_pattern) is not None:
-                final_at = time.monotonic()
-            return final_at is not None and time.monotonic() - final_at > FINAL_GRACE
-
-        try:
-            while cli.poll() is None and time.monotonic() < deadline and not past_grace():
-                seen_lines = self._pump(out_log, record, seen_lines, stream_to)
-                self.snapshot()
-                self._check_alive()
-                time.sleep(0.5)
-            record.cli_returncode = cli.poll()
-            seen_lines = self._pump(out_log, record, seen_lines, stream_to, final=record.cli_returncode is not None)
-            record.run_id = next((m.group(1) for line in record.output if (m := _RUN_ID.search(line))), None)
-            if record.cli_returncode is None and not past_grace():
-                failure = f"timed out after {timeout:.0f} s"
-            elif record.run_id is None:
-                failure = f"`flwr run` exited with code {record.cli_returncode} without starting a run"
-            else:
-                # The log stream can end before the run does: wait for Flower's final status.
-                while True:
-                    info = self.run_status(record.run_id)
-                    if info is not None:
-                        record.status = str(info.get("status", ""))
-                        record.status_details = str(info.get("status-details", "") or "")
-                        if record.status.startswith("finished"):
-                            break
-                    if past_grace():
-                        break  # the ServerApp is done; its results file decides
-                    if time.monotonic() > deadline:
-                        failure = f"timed out after {timeout:.0f} s (run status {record.status!r})"
-                        break
-                    self._check_alive()
-                    time.sleep(1.0)
-        except DeploymentError as exc:
-            failure = str(exc).splitlines()[0]
-        finally:
-            if cli.poll() is None:
-                self._stop_popen(cli)
-            self._popens.pop(f"flwr-run-{index}", None)
-            record.seconds = time.monotonic() - started
-
+        grace = FinalGrace(output_dir, before, lambda: record.output, results_pattern)
+        failure = self._submit_and_follow(app_dir, overrides, record, grace, started + timeout, timeout, stream_to)
+        record.seconds = time.monotonic() - started
         if failure is None:
-            # new files, or files that this run rewrote (a run-name used before)
-            new = sorted(p for p, mtime in find_results(output_dir, results_pattern).items()
-                         if before.get(p) != mtime)
-            mentioned = [p for p in new if any(str(p) in line for line in record.output)]
-            candidates = mentioned or new
-            if len(candidates) == 1 and run_outcome(candidates[0])[0] == "failed":
-                failure = not_completed(candidates[0], record.status)  # the ServerApp's own reason first
-            elif record.status and record.status.startswith("finished") and record.status != "finished:completed":
-                failure = f"run {record.run_id} ended with status {record.status!r} ({record.status_details})"
-            elif len(candidates) != 1:
-                failure = (f"expected one new results file matching {results_pattern!r} under {output_dir}, "
-                           f"found {[str(p) for p in candidates]}")
-            else:
-                record.results = candidates[0]
-                failure = not_completed(record.results, record.status)
+            candidates = run_candidates(output_dir, before, record.output, results_pattern)
+            record.results, failure = judge_run(candidates, record.run_id, record.status, record.status_details,
+                                                f"matching {results_pattern!r} under {output_dir}")
         if failure is not None or record.results is None:
             raise DeploymentError(f"Flower run {record.run_id or '?'} of {app_dir} failed: {failure}\n"
                                   f"{self.diagnostics()}")
         return record.results
 
+    def _submit_and_follow(self, app_dir: Path, overrides: Mapping[str, Any], record: RunRecord, grace: FinalGrace,
+                           deadline: float, timeout: float, stream_to: LineSink | None) -> str | None:
+        """``flwr run --stream`` (output to a log file, pumped into the record), then wait for Flower's
+        final status; the failure, or None."""
+        index = len(self.runs)
+        cfg_file = self.workdir / f"run-{index}-config.toml"
+        cfg_file.write_text(toml_document(overrides))
+        out_log = self.logs / f"flwr-run-{index}.log"
+        cmd = [console_script("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(cfg_file)]
+        with out_log.open("wb") as fh:
+            cli = subprocess.Popen(cmd, env=self.process_env(), cwd=self.home, stdin=subprocess.DEVNULL,
+                                   stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self._popens[f"flwr-run-{index}"] = cli
+        seen_lines = 0
+        try:
+            while cli.poll() is None and time.monotonic() < deadline and not grace():
+                seen_lines = self._pump(out_log, record, seen_lines, stream_to)
+                self.snapshot()
+                self._check_alive()
+                time.sleep(0.5)
+            record.cli_returncode = cli.poll()
+            self._pump(out_log, record, seen_lines, stream_to, final=record.cli_returncode is not None)
+            record.run_id = run_id_in(record.output)
+            if record.cli_returncode is None and not grace():
+                return f"timed out after {timeout:.0f} s"
+            if record.run_id is None:
+                return f"`flwr run` exited with code {record.cli_returncode} without starting a run"
+            info, timed_out = wait_finished(lambda: self.run_status(str(record.run_id)), grace, deadline,
+                                            self._check_alive)
+            if info is not None:
+                record.status = str(info.get("status", ""))
+                record.status_details = str(info.get("status-details", "") or "")
+            return f"timed out after {timeout:.0f} s (run status {record.status!r})" if timed_out else None
+        except DeploymentError as exc:
+            return str(exc).splitlines()[0]
+        finally:
+            if cli.poll() is None:
+                self._stop_popen(cli)
+            self._popens.pop(f"flwr-run-{index}", None)
+
     @staticmethod
     def _pump(log: Path, record: RunRecord, seen: int, sink: LineSink | None, final: bool = False) -> int:
         """Pass the new complete lines of ``log`` (all lines when ``final``) to the record and sink."""
-        text = _file_text(log)
+        text = file_text(log)
         lines = text.splitlines()
         complete = lines if final or text.endswith("\n") else lines[:-1]
         for line in complete[seen:]:
             record.output.append(line)
-            _emit(sink, line)
+            emit(sink, line)
         return max(seen, len(complete))
 
     def _check_alive(self) -> None:
@@ -659,7 +577,7 @@ class LoopbackFederation:
             self.snapshot()
         returncode = proc.poll()
         self._stop_popen(proc)
-        text = _file_text(log)
+        text = file_text(log)
         node = _NODE_ID.search(text)
         code = _EXIT_CODE.search(text)
         return NodeExit(returncode, int(code.group(1)) if code else None, int(node.group(1)) if node else None,
@@ -670,7 +588,7 @@ class LoopbackFederation:
         """Tails of every process log (SuperLink, SuperNodes, ``flwr run`` output)."""
         parts = []
         for log in sorted(self.logs.glob("*.log")) if self.logs.is_dir() else []:
-            parts.append(f"--- {log.name} (last {lines} lines) ---\n{_tail(_file_text(log).splitlines(), lines)}")
+            parts.append(f"--- {log.name} (last {lines} lines) ---\n{tail(file_text(log).splitlines(), lines)}")
         return "\n".join(parts)
 
 
@@ -697,18 +615,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc} (nothing was started)", file=sys.stderr)
         return 1
 
-    def show(line: str) -> None:
-        if args.verbose or line.startswith("[") or line.startswith("AutoFLIP run"):
-            print(line, flush=True)
-
     try:
         with LoopbackFederation(args.num_supernodes, tls=args.tls or args.auth, auth=args.auth,
                                 workdir=args.workdir) as fed:
-            path = fed.run(args.app_dir, overrides, args.timeout, stream_to=show)
+            path = fed.run(args.app_dir, overrides, args.timeout, stream_to=progress_printer(args.verbose))
     except DeploymentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"results: {path}")
+    print(report(path))
     return 0
 
 

@@ -165,8 +165,8 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
     raises :class:`InProcessRunError` with the results file's status and reason (the ServerApp's
     exception as ``__cause__``).
     """
-    from runner.simulation import (OUTPUT_DIR_KEY, RESULTS_PATTERN, check_run_config, find_results,
-                                   not_completed, resolve_path_keys)
+    from runner.results import RESULTS_PATTERN, find_results, not_completed
+    from runner.runconfig import OUTPUT_DIR_KEY, check_run_config, resolve_path_keys
 
     server, client, defaults = load_app(app_dir)
     output_dir = Path(output_dir).resolve()
@@ -196,7 +196,8 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner.simulation import load_results, parse_override_args, summarise
+    from runner.results import report
+    from runner.runconfig import parse_override_args
 
     parser = argparse.ArgumentParser(prog="python -m runner.inprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--num-nodes", type=int, default=10, help="clients (default 10)")
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line and a non-zero exit, whatever stopped the run
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"results: {path} ({time.time() - start:.0f}s)")
-    print(summarise(load_results(path)))
+    print(f"{report(path)}\n({time.time() - start:.0f} s)")
     return 0
 
 

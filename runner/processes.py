@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 Processes = Mapping[int, int]
 """pid -> start time (clock ticks since boot; 0 where unknown)."""
 
@@ -66,14 +67,17 @@ def is_alive(pid: int, start: int) -> bool:
     return st is not None and st[0] != "Z" and (not start or st[2] == start)
 
 
-def our_processes(roots: Iterable[int], marker_var: str, marker: str) -> dict[int, int]:
-    """Every live process that descends from ``roots`` or carries ``marker_var=marker``."""
-    if not Path("/proc").is_dir():  # not Linux: only the roots themselves are known
-        return {pid: 0 for pid in roots if pid_exists(pid)}
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, ppid, start time) of every process (Linux ``/proc``)."""
     table: dict[int, tuple[str, int, int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit() and (st := proc_stat(int(entry.name))) is not None:
             table[int(entry.name)] = st
+    return table
+
+
+def descendants(table: Mapping[int, tuple[str, int, int]], roots: Iterable[int]) -> set[int]:
+    """The ``roots`` found in ``table`` and every process below them."""
     children: dict[int, list[int]] = {}
     for pid, (_, ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -84,6 +88,40 @@ def our_processes(roots: Iterable[int], marker_var: str, marker: str) -> dict[in
         if pid not in found:
             found.add(pid)
             stack.extend(children.get(pid, []))
+    return found
+
+
+def environ_values(pid: int, names: Iterable[str]) -> dict[str, str]:
+    """The values of the environment variables ``names`` in a process (those it has)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    prefixes = {name: name.encode() + b"=" for name in names}
+    found = {}
+    for item in raw.split(b"\0"):
+        for name, prefix in prefixes.items():
+            if item.startswith(prefix):
+                found[name] = item[len(prefix):].decode(errors="replace")
+    return found
+
+
+def cpu_seconds(pid: int) -> tuple[int, float] | None:
+    """(start time in ticks, user + system CPU seconds) of a process, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    return int(fields[19]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def our_processes(roots: Iterable[int], marker_var: str, marker: str) -> dict[int, int]:
+    """Every live process that descends from ``roots`` or carries ``marker_var=marker``."""
+    if not Path("/proc").is_dir():  # not Linux: only the roots themselves are known
+        return {pid: 0 for pid in roots if pid_exists(pid)}
+    table = process_table()
+    found = descendants(table, roots)
     tag = marker_tag(marker_var, marker)
     found |= {pid for pid in table if pid not in found and has_marker(pid, tag)}
     found.discard(os.getpid())

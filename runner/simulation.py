@@ -37,67 +37,38 @@ Command line (prints the per-round progress lines, then a summary)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
-import re
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
-import urllib.request
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from runner.common import (ANSI, LauncherError, LineSink, connection_config, console_script, emit, file_tail,
+    launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, start_on_free_port, tail, wait_finished, wait_healthy)
 from runner.processes import stop_all
+from runner.results import (  # noqa: F401 - re-exported: the launcher's public names
+    FINAL_GRACE, RESULTS_PATTERN, FinalGrace, final_record, find_results, judge_run, load_results, not_completed,
+    report, run_candidates, summarise)
+from runner.runconfig import (  # noqa: F401 - re-exported: the launcher's public names
+    OUTPUT_DIR_KEY, check_run_config, federation_config, parse_override_args, parse_overrides, resolve_path_keys,
+    toml_document, toml_value)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_PATTERN = "*/results.json"
-"""Where an app's results file lies, relative to ``output_dir``."""
-OUTPUT_DIR_KEY = "output-dir"
 CONNECTION = "runner"
 """Name of the SuperLink connection in the temporary ``config.toml``."""
 MARKER_VAR = "AUTOFLIP_RUNNER_MARKER"
 """Environment variable (with a value unique per call) inherited by every process a call starts."""
-QUIET_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "PYTHONUNBUFFERED": "1",
-}
 SUPERLINK_START_TIMEOUT = 60.0
-STATUS_POLL_INTERVAL = 1.0
-FINAL_GRACE = 30.0
-"""Seconds the launcher still waits for Flower to report the run finished once the ServerApp wrote
-its final record (``status`` completed or failed); then it stops the run's processes anyway
-(``flwr-simulation`` can hang in Ray's shutdown after the ServerApp returned)."""
-FINAL_STATUSES = ("completed", "failed")
-PATH_KEYS = ("data-dir", OUTPUT_DIR_KEY)
-"""Run-config keys that name folders: resolved against the caller's working directory, since the
-ServerApp runs in a folder of Flower's own."""
-MIN_NODES_KEY = "min-available-nodes"
-REFERENCE_SERVERAPP = "server_app.app:app"
-"""The reference ServerApp: launchers parse its whole run config up front (``autoflip_task.config``)."""
 TAIL_LINES = 60
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-LineSink = Callable[[str], None] | TextIO
 log = logging.getLogger(__name__)
 
 
@@ -105,323 +76,109 @@ class SimulationError(RuntimeError):
     """The run did not complete; the message carries the tails of the CLI output and SuperLink log."""
 
 
-# ---------------------------------------------------------------- TOML helpers
-def toml_value(value: Any) -> str:
-    """One value as TOML: strings quoted and escaped, bools lowercase, floats exact (inf/nan allowed)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        # A JSON string (ASCII, \uXXXX escapes) is a valid TOML basic string.
-        return json.dumps(os.fspath(value), ensure_ascii=True)
-    raise TypeError(f"run-config values must be str, bool, int or float, got {value!r} ({type(value).__name__})")
-
-
-def toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=True)
-
-
-def toml_document(values: Mapping[str, Any]) -> str:
-    """A flat TOML document ``key = value`` per line (round-trips through ``tomllib``)."""
-    return "".join(f"{toml_key(k)} = {toml_value(v)}\n" for k, v in values.items())
-
-
-def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse ``"k=v k2='text' k3=true"`` (Flower's ``--run-config`` syntax) into typed values."""
-    pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", text)
-    leftover = re.sub(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", "", text).strip()
-    if leftover:
-        raise ValueError(f"cannot parse {leftover!r} in {text!r}: expected key=value pairs")
-    try:
-        return tomllib.loads("\n".join(f"{toml_key(k)} = {v}" for k, v in pairs))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"invalid override {text!r}: values are TOML (strings in quotes): {exc}") from None
-
-
-def parse_override_args(parser: argparse.ArgumentParser, texts: Iterable[str]) -> dict[str, Any]:
-    """The ``--run-config`` arguments of a CLI, merged; a parse error ends the CLI with ``parser.error``."""
-    overrides: dict[str, Any] = {}
-    try:
-        for text in texts:
-            overrides.update(parse_overrides(text))
-    except ValueError as exc:
-        parser.error(str(exc))
-    return overrides
-
-
-def federation_config(num_supernodes: int, client_cpus: float,
-                      extra: Mapping[str, Any] | None = None) -> str:
-    """The ``--federation-config`` argument (keys as in Flower's ``SimulationConfig``, kebab-case)."""
-    if client_cpus != int(client_cpus) or client_cpus < 1:
-        # SimulationConfig.client_resources_num_cpus is a uint32 in Flower 1.41.
-        raise ValueError(f"client_cpus must be a whole number >= 1 in Flower 1.41, got {client_cpus!r}")
-    values: dict[str, Any] = {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus)}
-    values.update(extra or {})
-    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
-
-
-# ------------------------------------------------------------- results files
-def find_results(output_dir: Path, pattern: str = RESULTS_PATTERN) -> dict[Path, int]:
-    """Every results file under ``output_dir`` (resolved path -> modification time in ns)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return {}
-    return {p.resolve(): p.stat().st_mtime_ns for p in output_dir.glob(pattern) if p.is_file()}
-
-
-def app_config_keys(app_dir: Path) -> set[str]:
-    """The run-config keys an app declares in ``[tool.flwr.app.config]`` (nested tables flattened with dots)."""
-    with (Path(app_dir) / "pyproject.toml").open("rb") as f:
-        table = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-
-    def flat(d: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
-        for k, v in d.items():
-            yield from flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [f"{prefix}{k}"]
-
-    return set(flat(table))
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def serverapp_component(app_dir: Path) -> str | None:
-    """The app's ``serverapp`` reference (``module:attribute``) from its ``pyproject.toml``."""
-    with (Path(app_dir) / "pyproject.toml").open("rb") as f:
-        app = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {})
-    return app.get("components", {}).get("serverapp")
-
-
-def app_defaults(app_dir: Path) -> dict[str, Any]:
-    """The app's declared run config (``[tool.flwr.app.config]``), which Flower merges under the overrides."""
-    with (Path(app_dir) / "pyproject.toml").open("rb") as f:
-        return dict(tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
-
-
-def resolve_path_keys(overrides: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
-    """Relative folder values (``data-dir``, ``output-dir``) made absolute against ``cwd``.
-
-    Why: ``flwr run`` starts the ServerApp and ClientApps in Flower's own folders, where
-    ``data-dir='../shared/data/mnist'`` points nowhere; the user meant their working directory."""
-    out = dict(overrides)
-    for key in PATH_KEYS:
-        value = out.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            out[key] = str((Path(cwd) / value).resolve())
-        elif isinstance(value, str) and value.startswith("~"):
-            out[key] = str(Path(value).expanduser())
-    return out
-
-
-def check_run_config(overrides: Mapping[str, Any], app_dir: Path, num_nodes: int) -> None:
-    """Everything about a run config that can be refused before any process starts (ValueError).
-
-    Names unknown keys (Flower's own error is a bare "Invalid run configuration"); refuses a
-    federation smaller than ``min-available-nodes`` (the ServerApp would wait silently until
-    its round timeout); for the reference app, parses the whole config as the ServerApp
-    will (values, ranges, cross-key rules), so a bad value fails in seconds, not after the
-    SuperLink and Ray started."""
-    defaults = app_defaults(app_dir)
-    unknown = sorted(set(overrides) - set(app_config_keys(app_dir)))
-    if unknown:
-        raise ValueError(f"unknown run-config key(s) {unknown} for the app in {app_dir}; "
-                         f"its keys are {sorted(app_config_keys(app_dir))}")
-    for value in overrides.values():
-        toml_value(value)  # a TypeError now rather than after the SuperLink started
-    merged = {**defaults, **overrides}
-    if serverapp_component(app_dir) == REFERENCE_SERVERAPP:  # this project's app, or a copy of it
-        from autoflip_task.config import app_config  # imports torch: only for the reference app
-
-        app_config(merged)
-    need = merged.get(MIN_NODES_KEY)
-    if isinstance(need, int) and not isinstance(need, bool) and need > num_nodes:
-        raise ValueError(f"{MIN_NODES_KEY}={need} but the federation has only {num_nodes} node(s): the run would "
-                         f"wait for nodes that never come; use at least {need} nodes or set {MIN_NODES_KEY}<={num_nodes}")
-
-
-def run_outcome(path: Path) -> tuple[str | None, str | None]:
-    """(status, reason) of a results file; status ``unreadable (...)`` when it cannot be parsed."""
-    try:
-        results = load_results(path)
-    except (OSError, ValueError) as exc:
-        return f"unreadable ({exc})", None
-    return results.get("status"), results.get("reason")
-
-
-def final_record(output_dir: Path, before: Mapping[Path, int], lines: Iterable[str],
-                 pattern: str = RESULTS_PATTERN) -> Path | None:
-    """This run's results file once its ServerApp wrote a final status (completed or failed), else None."""
-    new = [p for p, mtime in find_results(output_dir, pattern).items() if before.get(p) != mtime]
-    text = list(lines)
-    mentioned = [p for p in new if any(str(p) in line for line in text)]
-    candidates = mentioned or new
-    if len(candidates) != 1:
-        return None
-    return candidates[0] if run_outcome(candidates[0])[0] in FINAL_STATUSES else None
-
-
-def not_completed(path: Path, flower_status: str | None) -> str | None:
-    """Why a results file does not show a completed run (its status and reason), or None."""
-    status, reason = run_outcome(path)
-    if status == "completed":
-        return None
-    why = f": {reason}" if reason else ""
-    flower = f" (Flower run status {flower_status!r})" if flower_status else ""
-    return f"{path} has status {status!r}, not 'completed'{why}{flower}"
-
-
-def summarise(results: Mapping[str, Any]) -> str:
-    """A few lines: final accuracy and density, total traffic (exploration included)."""
-    rounds = list(results.get("rounds", []))
-    if not rounds:
-        return f"status {results.get('status')}: no rounds recorded"
-    accs = [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
-    last = rounds[-1]
-    down = sum(r.get("bytes_down", 0) for r in rounds) / 1e6
-    up = sum(r.get("bytes_up", 0) for r in rounds) / 1e6
-    acc = f"{accs[-1]:.4f}" if accs else "n/a"
-    density = last.get("density")
-    dens = f"{density:.4f}" if isinstance(density, (int, float)) else "n/a"
-    return (f"status {results.get('status')} | rounds {sum(r.get('phase') == 'train' for r in rounds)} | "
-            f"final accuracy {acc} | final density {dens} | "
-            f"total down {down:.3f} MB, up {up:.3f} MB (exploration included)")
-
-
 # ------------------------------------------------------------------ processes
-def _bin(name: str) -> str:
-    """A console script of the running interpreter's environment (falls back to PATH)."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise SimulationError(f"cannot find the `{name}` command (is flwr installed in this environment?)")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(popens: list[subprocess.Popen[Any]], marker: str) -> None:
-    """Stop every process this call started and whatever of ours they left behind."""
-    killed = stop_all(popens, MARKER_VAR, marker)
-    log.debug("processes stopped; %d needed SIGKILL", killed)
-
-
-def _wait_healthy(proc: subprocess.Popen[Any], log: Path, base_url: str, deadline: float,
-                  context: ssl.SSLContext | None = None) -> bool:
-    """Wait until the SuperLink ``proc`` serves ``base_url``: its log says Uvicorn runs there (so *our*
-    process bound the port) and ``/health`` answers 200. False if it exits or the deadline passes."""
-    ready = f"Uvicorn running on {base_url}"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if ready in _file_text(log):
-            try:
-                with urllib.request.urlopen(f"{base_url}/health", timeout=2, context=context) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                pass
-        time.sleep(0.2)
-    return False
-
-
-def _file_text(path: Path) -> str:
-    """A log file's text without ANSI colours ("" while it cannot be read)."""
-    try:
-        return _ANSI.sub("", path.read_text(errors="replace"))
-    except OSError:
-        return ""
-
-
-def _tail(lines: Iterable[str], n: int = TAIL_LINES) -> str:
-    return "\n".join(deque(lines, maxlen=n))
-
-
-def _file_tail(path: Path, n: int = TAIL_LINES) -> str:
-    try:
-        return _tail(_ANSI.sub("", path.read_text(errors="replace")).splitlines(), n)
-    except OSError:
-        return f"({path} unreadable)"
-
-
-def _emit(sink: LineSink | None, line: str) -> None:
-    if sink is None:
-        return
-    if hasattr(sink, "write"):
-        sink.write(line + "\n")
-        sink.flush()
-    else:
-        sink(line)
-
-
 @dataclass
 class _Session:
-    """One temporary FLWR_HOME with its SuperLink."""
+    """One temporary FLWR_HOME with its SuperLink and the ``flwr run`` CLI."""
 
     home: Path
-    env: dict[str, str]
     marker: str
     port: int = 0
-    superlink: subprocess.Popen[bytes] | None = None
     popens: list[subprocess.Popen[Any]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    """``flwr run --stream`` output lines (ANSI colours removed)."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        # Ray's session files go away with the home.
+        return launcher_env(self.home, MARKER_VAR, self.marker, {"RAY_TMPDIR": str(self.home / "ray")})
 
     @property
     def log(self) -> Path:
         return self.home / "superlink.log"
 
+    def stop(self, popens: list[subprocess.Popen[Any]] | None = None) -> None:
+        """Stop every process this call started and whatever of ours they left behind."""
+        killed = stop_all(self.popens if popens is None else popens, MARKER_VAR, self.marker)
+        log.debug("processes stopped; %d needed SIGKILL", killed)
+
+    def _superlink(self, port: int) -> subprocess.Popen[bytes]:
+        (self.home / "config.toml").write_text(connection_config(CONNECTION, f"127.0.0.1:{port}"))
+        cmd = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+               "--database", str(self.home / "state.db")]
+        with self.log.open("ab") as log_file:
+            proc = subprocess.Popen(cmd, env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
+                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.popens.append(proc)
+        return proc
+
     def start_superlink(self, deadline: float) -> None:
-        for _ in range(3):  # a port picked as free can be taken before the SuperLink binds it
-            self.port = _free_port()
-            (self.home / "config.toml").write_text(
-                f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
-            cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
-                   "--database", str(self.home / "state.db")]
-            with self.log.open("ab") as log_file:
-                self.superlink = subprocess.Popen(cmd, env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
-                                                  stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-            self.popens.append(self.superlink)
-            if _wait_healthy(self.superlink, self.log, f"http://127.0.0.1:{self.port}",
-                             min(deadline, time.monotonic() + SUPERLINK_START_TIMEOUT)):
-                return
-            _stop([self.superlink], self.marker)
-        raise SimulationError(f"the SuperLink did not start:\n{_file_tail(self.log)}")
+        until = min(deadline, time.monotonic() + SUPERLINK_START_TIMEOUT)
+        port = start_on_free_port(
+            self._superlink, lambda proc, port: wait_healthy(proc, self.log, f"http://127.0.0.1:{port}", until),
+            lambda proc: self.stop([proc]), until)
+        if port is None:
+            raise SimulationError(f"the SuperLink did not start:\n{file_tail(self.log, TAIL_LINES)}")
+        self.port = port
+
+    def start_run(self, app_dir: Path, overrides: Mapping[str, Any], fed_config: str,
+                  stream_to: LineSink | None) -> tuple[subprocess.Popen[str], threading.Thread]:
+        """``flwr run --stream``, its output pumped into :attr:`lines` and ``stream_to`` by a thread."""
+        (self.home / "overrides.toml").write_text(toml_document(overrides))
+        cmd = [console_script("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+               "--run-config", str(self.home / "overrides.toml"), "--federation-config", fed_config]
+        cli = subprocess.Popen(cmd, env=self.env, cwd=self.home, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                               start_new_session=True)
+        self.popens.append(cli)
+
+        def pump() -> None:
+            assert cli.stdout is not None
+            sink = stream_to
+            for raw in cli.stdout:
+                line = ANSI.sub("", raw.rstrip("\n"))
+                self.lines.append(line)
+                try:
+                    emit(sink, line)
+                except Exception:  # a broken sink must not stall the pipe (and so the run)
+                    log.exception("stream_to failed; no more lines will be passed to it")
+                    sink = None
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        return cli, reader
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:
         """Flower's record of the run (``status`` e.g. ``finished:completed``), or None if unavailable."""
         try:
-            out = subprocess.run([_bin("flwr"), "list", CONNECTION, "--run-id", run_id, "--format", "json"],
-                                 env=self.env, cwd=self.home, capture_output=True, text=True, timeout=60,
+            out = subprocess.run([console_script("flwr"), *run_status_args(CONNECTION, run_id)], env=self.env,
+                                 cwd=self.home, capture_output=True, text=True, timeout=60,
                                  start_new_session=True).stdout
-            payload = json.loads(out[out.index("{"):])
-        except (subprocess.TimeoutExpired, ValueError, OSError):
+        except (subprocess.TimeoutExpired, OSError):
             return None
-        runs = payload.get("runs") or []
-        return runs[0] if runs else None
+        return run_status_in(out)
 
 
-def _make_env(home: Path, marker: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(QUIET_ENV)
-    env["FLWR_HOME"] = str(home)
-    env[MARKER_VAR] = marker
-    env["RAY_TMPDIR"] = str(home / "ray")  # Ray's session files go away with the home
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.pop("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", None)
-    return env
+def _follow(session: _Session, cli: subprocess.Popen[str], reader: threading.Thread, grace: FinalGrace,
+            deadline: float, timeout: float) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """Wait for the run: (run id, Flower's status record, failure or None)."""
+    rc = None
+    while (rc := cli.poll()) is None and time.monotonic() < deadline and not grace():
+        time.sleep(1.0)
+    reader.join(timeout=5 if rc is not None else 0.1)
+    run_id = run_id_in(session.lines)
+    if rc is None and not grace():
+        return run_id, None, f"timed out after {timeout:.0f} s"
+    if run_id is None:
+        return None, None, f"`flwr run` exited with code {rc} without starting a run"
+    info, timed_out = wait_finished(lambda: session.run_status(run_id), grace, deadline)
+    if timed_out:
+        return run_id, info, f"timed out after {timeout:.0f} s (run status {info and info.get('status')})"
+    if not str((info or {}).get("status", "")).startswith("finished"):
+        log.warning("run %s: Flower did not report it finished within %.0f s of the ServerApp's final record; "
+                    "stopping its processes", run_id, FINAL_GRACE)
+    return run_id, info, None
 
 
 # ----------------------------------------------------------------------- run
@@ -439,43 +196,22 @@ def run_simulation(
 ) -> Path:
     """Run ``app_dir`` in simulation with ``num_supernodes`` virtual clients; return its results file.
 
-    Parameters
-    ----------
-    run_config
-        Run-config overrides (kebab-case keys of the app's ``[tool.flwr.app.config]``).
-        ``output-dir`` is set to ``output_dir``.
-    num_supernodes
-        Number of simulated SuperNodes.
-    output_dir
-        Where the ServerApp writes its run folder (created if missing).
-    app_dir
-        The Flower app (folder with ``pyproject.toml``); the reference app by default.
-    timeout
-        Seconds for everything (SuperLink start, run, wait for its final status).
-    client_cpus
-        CPUs per ClientApp actor (``client-resources-num-cpus``, a whole number in
-        Flower 1.41): the number of parallel Ray actors is the machine's cores divided by this.
-    extra_federation_config
-        More ``--federation-config`` keys, e.g. ``{"init-args-num-cpus": 2}``.
-    stream_to
-        Receives each line of ``flwr run --stream`` output (ANSI colours removed) as
-        it arrives: a callable or a text stream.
-    results_pattern
-        Glob (relative to ``output_dir``) of the app's results file.
+    ``run_config``: run-config overrides (kebab-case keys of the app's ``[tool.flwr.app.config]``;
+    ``output-dir`` is set to ``output_dir``, where the ServerApp writes its run folder).
+    ``app_dir``: the Flower app (folder with ``pyproject.toml``); the reference app by default.
+    ``timeout``: seconds for everything (SuperLink start, run, wait for its final status).
+    ``client_cpus``: CPUs per ClientApp actor (``client-resources-num-cpus``, a whole number in
+    Flower 1.41): the number of parallel Ray actors is the machine's cores divided by this.
+    ``extra_federation_config``: more ``--federation-config`` keys, e.g. ``{"init-args-num-cpus": 2}``.
+    ``stream_to``: receives each line of ``flwr run --stream`` output (ANSI colours removed) as it
+    arrives: a callable or a text stream. ``results_pattern``: glob (relative to ``output_dir``) of
+    the app's results file.
 
-    Returns
-    -------
-    Path
-        The ``results.json`` that this run wrote, with ``status == "completed"``.
-
-    Raises
-    ------
-    SimulationError (a RuntimeError)
-        The run failed, timed out, or left no completed results file; the message
-        includes the tail of the ``flwr run`` output and of the SuperLink log.
+    Returns the ``results.json`` that this run wrote, with ``status == "completed"``. Raises
+    :class:`SimulationError` (a RuntimeError) when the run failed, timed out, or left no completed
+    results file; the message includes the tail of the ``flwr run`` output and of the SuperLink log.
     """
-    start = time.monotonic()
-    deadline = start + timeout
+    deadline = time.monotonic() + timeout
     app_dir = Path(app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise SimulationError(f"{app_dir} is not a Flower app (no pyproject.toml)")
@@ -491,98 +227,31 @@ def run_simulation(
     output_dir.mkdir(parents=True, exist_ok=True)
     before = find_results(output_dir, results_pattern)
 
-    marker = uuid.uuid4().hex
-    home = Path(tempfile.mkdtemp(prefix="flwr-sim-"))
-    session = _Session(home, _make_env(home, marker), marker)
-    lines: list[str] = []
+    session = _Session(Path(tempfile.mkdtemp(prefix="flwr-sim-")), uuid.uuid4().hex)
     run_id: str | None = None
     info: dict[str, Any] | None = None
-    failure: str | None = None
     try:
-        (home / "overrides.toml").write_text(toml_document(overrides))
         session.start_superlink(deadline)
-        log.debug("%.1fs: SuperLink listening on 127.0.0.1:%d", time.monotonic() - start, session.port)
-        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-               "--run-config", str(home / "overrides.toml"),
-               "--federation-config", fed_config]
-        cli = subprocess.Popen(cmd, env=session.env, cwd=home, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                               start_new_session=True)
-        session.popens.append(cli)
-
-        def pump() -> None:
-            assert cli.stdout is not None
-            sink = stream_to
-            for raw in cli.stdout:
-                line = _ANSI.sub("", raw.rstrip("\n"))
-                lines.append(line)
-                try:
-                    _emit(sink, line)
-                except Exception:  # a broken sink must not stall the pipe (and so the run)
-                    log.exception("stream_to failed; no more lines will be passed to it")
-                    sink = None
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        final_at: float | None = None  # when the ServerApp's final record appeared
-
-        def past_grace() -> bool:
-            nonlocal final_at
-            if final_at is None and final_record(output_dir, before, list(lines), results_pattern) is not None:
-                final_at = time.monotonic()
-            return final_at is not None and time.monotonic() - final_at > FINAL_GRACE
-
-        rc = None
-        while (rc := cli.poll()) is None and time.monotonic() < deadline and not past_grace():
-            time.sleep(STATUS_POLL_INTERVAL)
-        reader.join(timeout=5 if rc is not None else 0.1)
-        log.debug("%.1fs: `flwr run` exited with %s", time.monotonic() - start, rc)
-        run_id = next((m.group(1) for line in list(lines) if (m := _RUN_ID.search(line))), None)
-        if rc is None and not past_grace():
-            failure = f"timed out after {timeout:.0f} s"
-        elif run_id is None:
-            failure = f"`flwr run` exited with code {rc} without starting a run"
-        else:
-            # The log stream can end before the run does: wait for Flower's final status.
-            while (info := session.run_status(run_id)) is None or not str(info.get("status", "")).startswith(
-                    "finished"):
-                if past_grace():
-                    log.warning("run %s: Flower did not report it finished within %.0f s of the ServerApp's "
-                                "final record; stopping its processes", run_id, FINAL_GRACE)
-                    break
-                if time.monotonic() > deadline:
-                    failure = f"timed out after {timeout:.0f} s (run status {info and info.get('status')})"
-                    break
-                time.sleep(STATUS_POLL_INTERVAL)
-            log.debug("%.1fs: run %s status %s", time.monotonic() - start, run_id, info and info.get("status"))
+        cli, reader = session.start_run(app_dir, overrides, fed_config, stream_to)
+        grace = FinalGrace(output_dir, before, lambda: list(session.lines), results_pattern)
+        run_id, info, failure = _follow(session, cli, reader, grace, deadline, timeout)
+    except LauncherError as exc:
+        failure = str(exc)
     finally:
-        _stop(session.popens, marker)
-        log.debug("%.1fs: processes stopped", time.monotonic() - start)
-        superlink_tail = _file_tail(session.log)
-        shutil.rmtree(home, ignore_errors=True)
+        session.stop()
+        superlink_tail = file_tail(session.log, TAIL_LINES)
+        shutil.rmtree(session.home, ignore_errors=True)
 
-    status = info.get("status") if info else None
     results: Path | None = None
     if failure is None:
-        # New files, or files rewritten during the run (a resumed run reuses its folder).
-        new = sorted(p for p, mtime in find_results(output_dir, results_pattern).items() if before.get(p) != mtime)
-        mentioned = [p for p in new if any(str(p) in line for line in lines)]
-        candidates = mentioned or new
-        if len(candidates) == 1 and (why := not_completed(candidates[0], status)) is not None \
-                and run_outcome(candidates[0])[0] == "failed":
-            failure = why  # the ServerApp's own reason comes first
-        elif status and str(status).startswith("finished") and status != "finished:completed":
-            failure = f"run {run_id} ended with status {status!r} ({info.get('status-details') if info else ''})"
-        elif len(candidates) != 1:
-            failure = (f"expected one new or updated results file matching {results_pattern!r} under {output_dir}, "
-                       f"found {[str(p) for p in candidates]}")
-        else:
-            results = candidates[0]
-            failure = not_completed(results, status)
+        candidates = run_candidates(output_dir, before, session.lines, results_pattern)
+        results, failure = judge_run(candidates, run_id, info.get("status") if info else None,
+                                     info.get("status-details") if info else None,
+                                     f"matching {results_pattern!r} under {output_dir}")
     if failure is not None or results is None:
         raise SimulationError(
             f"Flower run {run_id or '?'} of {app_dir} failed: {failure}\n"
-            f"--- flwr run output (last {TAIL_LINES} lines) ---\n{_tail(lines)}\n"
+            f"--- flwr run output (last {TAIL_LINES} lines) ---\n{tail(session.lines, TAIL_LINES)}\n"
             f"--- SuperLink log (last {TAIL_LINES} lines) ---\n{superlink_tail}")
     return results
 
@@ -607,24 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_override_args(parser, args.run_config)
     extra = parse_override_args(parser, [args.federation_config]) if args.federation_config else None
 
-    def show(line: str) -> None:
-        if args.verbose or line.startswith("[") or line.startswith("AutoFLIP run"):
-            print(line, flush=True)
-
     # On SIGTERM unwind like Ctrl-C, so run_simulation still stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         path = run_simulation(overrides, args.num_supernodes, output_dir=args.output_dir, app_dir=args.app_dir,
                               timeout=args.timeout, client_cpus=args.client_cpus, extra_federation_config=extra,
-                              stream_to=show)
+                              stream_to=progress_printer(args.verbose))
     except (SimulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the SuperLink and the simulation were stopped", file=sys.stderr)
         return 130
-    print(f"results: {path}")
-    print(summarise(load_results(path)))
+    print(report(path))
     return 0
 
 
