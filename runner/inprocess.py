@@ -159,9 +159,10 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, *, output_dir: 
 
     Follows ``runner.simulation``'s convention: ``output-dir`` is set to ``output_dir`` and the
     run must end with a ``<output_dir>/<run folder>/results.json`` whose status is ``completed``.
-    ``faults`` replaces node replies as in :class:`InProcessGrid`. The run config is checked as ``runner.simulation`` checks it (:func:`check_run_config`) before
-    the ServerApp starts. A ServerApp error before it wrote any results (a bad config, a
-    checkpoint that does not fit) is raised as it is; a run that started but did not complete
+    ``faults`` replaces node replies as in :class:`InProcessGrid`. The run config is checked as
+    ``runner.simulation`` checks it (:func:`check_run_config`) before the ServerApp starts. A
+    ServerApp error before it wrote any results (a bad config, a checkpoint that does not fit)
+    is raised as it is; a run that started but did not complete
     raises :class:`InProcessRunError` with the results file's status and reason (the ServerApp's
     exception as ``__cause__``).
     """

@@ -160,4 +160,5 @@ def check_run_config(overrides: Mapping[str, Any], app_dir: Path, num_nodes: int
     need = merged.get(MIN_NODES_KEY)
     if isinstance(need, int) and not isinstance(need, bool) and need > num_nodes:
         raise ValueError(f"{MIN_NODES_KEY}={need} but the federation has only {num_nodes} node(s): the run would "
-                         f"wait for nodes that never come; use at least {need} nodes or set {MIN_NODES_KEY}<={num_nodes}")
+                         f"wait for nodes that never come; use at least {need} nodes or set "
+                         f"{MIN_NODES_KEY}<={num_nodes}")

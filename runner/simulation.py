@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.common import (ANSI, LauncherError, LineSink, connection_config, console_script, emit, file_tail,
-    launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, start_on_free_port, tail, wait_finished, wait_healthy)
+    launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, start_on_free_port, tail, wait_finished,
+    wait_healthy)
 from runner.processes import stop_all
 from runner.results import (  # noqa: F401 - re-exported: the launcher's public names
     FINAL_GRACE, RESULTS_PATTERN, FinalGrace, final_record, find_results, judge_run, load_results, not_completed,
