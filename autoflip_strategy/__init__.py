@@ -12,7 +12,8 @@ wire format) and :mod:`.costs` (FLOPs).
 """
 
 from .client import AutoFLIPClient, ClientProtocolError, EvalFn, EvalOutcome, EvalTask, TrainFn, TrainOutcome, TrainTask
-from .codec import CodecError, Layout
+from .codec import CodecError
+from .geometry import Layout
 from .config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError, Option, parse_options
 from .enforce import enforce_mask
 from .failures import RunFailed

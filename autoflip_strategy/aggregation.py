@@ -1,10 +1,13 @@
 """Checking client replies and averaging the accepted ones.
 
-A reply reaches the global model only through :func:`validate_train_reply`,
-which turns every kind of bad input (missing records, absurd example counts,
-a stale mask, anything the codec rejects) into a :class:`RejectedReply` with
-a reason the strategy logs. The average is streamed in float64 so that
-hundreds of clients need no more memory than one.
+Every reply the strategy reads passes one validator here: :func:`validate_train_reply`
+(training), :func:`validate_explore_reply` (exploration's guidance matrices) and
+:func:`validate_eval_reply` (client evaluation), after :func:`normalised_reply` has put the example
+count under AutoFLIP's key. Each turns every kind of bad input (missing records, absurd example counts,
+a stale mask, anything the codec rejects) into a :class:`RejectedReply` with a reason the strategy
+logs. :class:`WeightedAverage` is the one weighted mean of the library (training replies, exploration's
+guidance, the guidance refresh's update statistics): streamed in float64, so hundreds of clients need no
+more memory than one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from . import protocol as P
-from .codec import CodecError, Layout, decode_state
+from .codec import CodecError, decode_guidance, decode_state
+from .geometry import Layout
+from .structure import ModelStructure
 
 
 MAX_TRAIN_SECONDS = 1e7  # ~4 months: any larger claimed training time is not plausible
@@ -86,6 +91,59 @@ def validate_train_reply(content: RecordDict, layout: Layout, mask_version: int,
     except CodecError as exc:
         raise RejectedReply(str(exc)) from None
     return TrainReply(layout.to_global(compact), n, finite_metric(metrics, P.TRAIN_LOSS), train_seconds(metrics))
+
+
+@dataclass(frozen=True)
+class ExploreReply:
+    matrix: dict[str, torch.Tensor]  # one non-negative matrix per prunable weight
+    num_examples: int
+    epochs: int
+    seconds: float
+
+
+def validate_explore_reply(content: RecordDict, structure: ModelStructure, precision: str, max_examples: int,
+                           max_bytes: int, max_epochs: int) -> ExploreReply:
+    """Decode one explorer's reply (its guidance matrix and metrics), or raise :class:`RejectedReply`."""
+    guidance, metrics = content.get(P.GUIDANCE), content.get(P.METRICS)
+    if not isinstance(guidance, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        raise RejectedReply("exploration reply needs 'guidance' and 'metrics' records")
+    n = example_count(metrics, max_examples)
+    try:
+        matrix = decode_guidance(guidance, structure, precision, max_bytes=max_bytes)
+    except CodecError as exc:
+        raise RejectedReply(str(exc)) from None
+    epochs = metrics.get(P.EPOCHS_RUN, max_epochs)
+    if not isinstance(epochs, int) or not 1 <= epochs <= max_epochs:
+        raise RejectedReply(f"{P.EPOCHS_RUN}={epochs!r} is outside [1, {max_epochs}]")
+    return ExploreReply(matrix, n, epochs, train_seconds(metrics))
+
+
+def normalised_reply(content: RecordDict, weighted_by_key: str) -> tuple[RecordDict, MetricRecord]:
+    """The reply with its example count under AutoFLIP's key (FedAvg's ``weighted_by_key`` may differ)."""
+    metrics = content.get(P.METRICS)
+    if not isinstance(metrics, MetricRecord):
+        records = list(content.metric_records.values())
+        metrics = records[0] if len(records) == 1 else None
+    if not isinstance(metrics, MetricRecord):
+        raise RejectedReply(f"reply needs one MetricRecord (under {P.METRICS!r})")
+    if weighted_by_key != P.NUM_EXAMPLES and weighted_by_key in metrics:
+        metrics = MetricRecord({**dict(metrics), P.NUM_EXAMPLES: metrics[weighted_by_key]})
+    out = RecordDict({P.METRICS: metrics})
+    if isinstance(arrays := content.get(P.ARRAYS), ArrayRecord):
+        out[P.ARRAYS] = arrays
+    elif len(content.array_records) == 1:
+        out[P.ARRAYS] = next(iter(content.array_records.values()))
+    return out, metrics
+
+
+def validate_eval_reply(content: RecordDict, weighted_by_key: str, max_examples: int) -> MetricRecord:
+    """A client evaluation's metrics for the user's aggregation: a plausible example count, every metric
+    finite; AutoFLIP's own example-count key is left out unless it is ``weighted_by_key``."""
+    _, metrics = normalised_reply(content, weighted_by_key)
+    example_count(metrics, max_examples)
+    for key in metrics:
+        finite_metric(metrics, key)
+    return MetricRecord({k: v for k, v in metrics.items() if k != P.NUM_EXAMPLES or k == weighted_by_key})
 
 
 class WeightedAverage:

@@ -1,4 +1,4 @@
-"""Atomic, code-free checkpoints of the strategy's state.
+"""Atomic, code-free checkpoints of the strategy's state (:class:`StrategyState`).
 
 Written with ``torch.save`` (tensors, dicts, lists, strings, numbers only) via
 a temporary file and ``os.replace``, so a crash mid-write leaves the previous
@@ -8,12 +8,18 @@ to unpickle code.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import RESUME_NEUTRAL, AutoFLIPConfig
+from .masks import HybridMask
 
 
 class CheckpointError(ValueError):
@@ -61,3 +67,51 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not a checkpoint; {advice}")
     return payload
+
+
+STRATEGY_KEYS = ("round", "config", "state", "mask_units", "mask_weights", "mask_version", "scores", "history")
+
+
+@dataclass(frozen=True)
+class StrategyState:
+    """Everything the strategy needs to continue after ``round`` (tensors and JSON only on disk)."""
+
+    round: int
+    config: AutoFLIPConfig
+    state: dict[str, torch.Tensor]
+    mask: HybridMask
+    mask_version: int
+    scores: dict[str, torch.Tensor] | None
+    history: list[dict[str, Any]]
+
+    def payload(self) -> dict[str, Any]:
+        return {"round": self.round, "config": json.dumps(asdict(self.config), sort_keys=True), "state": self.state,
+                "mask_units": self.mask.units, "mask_weights": self.mask.weights, "mask_version": self.mask_version,
+                "scores": self.scores if self.scores is not None else {}, "history": json.dumps(self.history)}
+
+
+def restore_strategy_state(payload: Mapping[str, Any], config: AutoFLIPConfig,
+                           shapes: Mapping[str, tuple[int, ...]]) -> StrategyState:
+    """A :meth:`StrategyState.payload` read back for a run under ``config`` with tensors ``shapes``.
+
+    Refuses (one :class:`CheckpointError` listing every difference) a checkpoint written under other
+    settings (except :data:`~.config.RESUME_NEUTRAL` ones) or for a model with other tensor names or shapes."""
+    lacks = sorted(set(STRATEGY_KEYS) - set(payload))
+    if lacks:
+        raise CheckpointError(f"checkpoint lacks {lacks}: not written by this strategy")
+    saved, mine = json.loads(payload["config"]), asdict(config)
+    # An option the checkpoint lacks did not exist when it was written: that run used its default.
+    saved = {**asdict(type(config)()), **saved}
+    differs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in sorted(mine)
+               if k not in RESUME_NEUTRAL and saved.get(k) != mine[k]]
+    state = payload["state"]
+    differs += [f"tensor {n}: only in the checkpoint" for n in sorted(set(state) - set(shapes))]
+    differs += [f"tensor {n}: not in the checkpoint" for n in sorted(set(shapes) - set(state))]
+    differs += [f"tensor {n}: shape {tuple(state[n].shape)} -> {tuple(shapes[n])}" for n in sorted(shapes)
+                if n in state and tuple(state[n].shape) != tuple(shapes[n])]
+    if differs:
+        raise CheckpointError("checkpoint does not fit this run (checkpoint -> now): " + "; ".join(differs))
+    return StrategyState(int(payload["round"]), config, {n: t.float() for n, t in state.items()},
+                         HybridMask(dict(payload["mask_units"]), dict(payload["mask_weights"])),
+                         int(payload["mask_version"]), dict(payload["scores"]) or None,
+                         json.loads(payload["history"]))

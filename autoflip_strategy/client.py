@@ -47,12 +47,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from . import protocol as P
-from .codec import Layout, decode_mask, decode_state, encode_guidance, encode_update
+from .codec import decode_layout, decode_state, encode_guidance, encode_update
 from .compact import compact_model
 from .enforce import enforce_mask
 from .guidance import local_guidance
-from .masks import HybridMask, dense_mask
-from .structure import ModelStructure, prunable_weights, structure_from_json
+from .geometry import Layout
+from .masks import dense_mask
+from .structure import prunable_weights, structure_from_json
 
 _STATE_KEY = "autoflip"  # context.state: ConfigRecord with version + structure, ArrayRecord with the mask
 EPOCHS_KEY = "local-epochs"  # read from the message config, else the run config (Flower's templates)
@@ -272,8 +273,8 @@ class AutoFLIPClient:
     def _receive(self, msg: Message, context: Context, cfg: Mapping[str, Any]) -> tuple[nn.Module, Layout]:
         """The compact model and its layout for this message (caching the mask per node)."""
         version, transport = int(cfg[P.MASK_VERSION]), str(cfg[P.TRANSPORT])
-        structure, mask = self._mask(msg, context, cfg, version, transport)
-        layout = Layout.build(structure, mask)
+        layout = self._layout(msg, context, cfg, version, transport)
+        structure = layout.structure
         model = self.model_fn(context)
         shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n in structure.shapes}
         if shapes != structure.shapes:
@@ -283,8 +284,10 @@ class AutoFLIPClient:
                                              precision=value_precision(cfg)), strict=False)
         return compact, layout
 
-    def _mask(self, msg: Message, context: Context, cfg: Mapping[str, Any], version: int,
-              transport: str) -> tuple[ModelStructure, HybridMask]:
+    def _layout(self, msg: Message, context: Context, cfg: Mapping[str, Any], version: int,
+                transport: str) -> Layout:
+        """This message's mask as a :class:`Layout` (from the message, or from ``context.state`` when this
+        version was delivered before): its kept entries are computed once per message."""
         if P.STRUCTURE in cfg:
             meta = ConfigRecord({P.STRUCTURE: str(cfg[P.STRUCTURE]), P.MASK_VERSION: version,
                                  P.TRANSPORT: transport})
@@ -296,8 +299,8 @@ class AutoFLIPClient:
             raise ClientProtocolError(f"mask version {version} was never delivered to this node")
         structure = structure_from_json(str(meta[P.STRUCTURE]))
         if version == 0:
-            return structure, dense_mask(structure)
+            return Layout.build(structure, dense_mask(structure))
         record = context.state.get(_STATE_KEY + ".mask")
         if not isinstance(record, ArrayRecord):
             raise ClientProtocolError(f"mask version {version} is missing from this node's state")
-        return structure, decode_mask(record, structure, str(meta[P.TRANSPORT]))
+        return decode_layout(record, structure, str(meta[P.TRANSPORT]))

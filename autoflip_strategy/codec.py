@@ -1,7 +1,7 @@
 """The transport codec: what goes on the wire, and strict checks on what comes off it.
 
-Both ends derive a :class:`Layout` from the model structure and the hybrid
-mask. ``sparse`` transport (the default) sends, per prunable weight, only the
+Both ends derive a :class:`~.geometry.Layout` from the model structure and the
+hybrid mask (:mod:`.geometry`); this module only encodes and decodes in it. ``sparse`` transport (the default) sends, per prunable weight, only the
 kept values of the compact tensor (removed units are absent, not zero), other
 tensors as compact dense arrays, and the mask as ``numpy.packbits`` bitmaps
 only when the receiver does not have it yet. ``dense`` transport sends
@@ -28,17 +28,16 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from .masks import HybridMask, remove_units, tensor_masks
+from .geometry import Layout, compact_shapes, kept_entries, remove_units, scatter, select
+from .masks import HybridMask
 from .quantise import (CODE_DTYPE, CODE_MAX, MAX_VALUE_SCALE, dequantise, is_quantised, num_blocks, quantise,
-                       quantise_with_feedback, value_bits)
-from .structure import ModelStructure, kept_entries, scatter, select
+                       quantise_with_feedback)
+from .structure import ModelStructure
 
 TRANSPORTS = ("sparse", "dense")
 ARRAY_HEADER_BYTES = 128  # np.save header of one Flower Array
@@ -53,59 +52,6 @@ SCALES = "autoflip/scales"  # block scales of a quantised payload; a "/" never o
 
 class CodecError(ValueError):
     """A payload that does not match the layout it claims to follow."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What both ends derive from (structure, mask): compact shapes and masks."""
-
-    structure: ModelStructure
-    mask: HybridMask
-    kept: dict[str, tuple[torch.Tensor | None, ...]]
-    compact_shapes: dict[str, tuple[int, ...]]
-    compact_masks: dict[str, torch.Tensor]
-
-    @classmethod
-    def build(cls, structure: ModelStructure, mask: HybridMask) -> Layout:
-        kept = kept_entries(structure, mask.units)
-        shapes = {}
-        for name, shape in structure.shapes.items():
-            dims = kept.get(name, (None,) * len(shape))
-            shapes[name] = tuple(s if d is None else len(d) for s, d in zip(shape, dims))
-        masks = {n: select(mask.weights[n], kept[n]) if n in kept else mask.weights[n]
-                 for n in structure.prunable}
-        return cls(structure, mask, kept, shapes, masks)
-
-    def kept_values(self) -> int:
-        """Values on the wire per model copy (prunable: kept only; others: compact dense)."""
-        prunable = set(self.structure.prunable)
-        return sum(int(self.compact_masks[n].sum()) if n in prunable else int(np.prod(s))
-                   for n, s in self.compact_shapes.items())
-
-    def kept_counts(self) -> dict[str, int]:
-        """Kept values per prunable tensor (the length of its sparse value vector)."""
-        return {n: int(self.compact_masks[n].sum()) for n in self.structure.prunable}
-
-    def analytic_bytes(self, with_mask: bool, precision: str = "float32") -> int:
-        """b bits per kept prunable value (+32 per block scale when quantised), 32 per other value sent,
-        plus 1 bit per prunable weight and unit when the mask travels (headers not counted)."""
-        kept = self.kept_counts()
-        bits = sum(value_bits(k, precision) for k in kept.values()) + 32 * (self.kept_values() - sum(kept.values()))
-        if with_mask:
-            bits += self.structure.num_prunable + sum(g.size for g in self.structure.groups)
-        return (bits + 7) // 8
-
-    def to_compact(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: select(t, self.kept[n]) if n in self.kept else t for n, t in state.items()}
-
-    def to_global(self, compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = self.structure.shapes
-        return {n: scatter(t, self.kept[n], shapes[n]) if n in self.kept else t for n, t in compact.items()}
-
-    @cached_property
-    def tensor_masks(self) -> dict[str, torch.Tensor]:
-        """Keep-masks in global layout for every tensor that the mask touches."""
-        return tensor_masks(self.mask, self.structure)
 
 
 def record_nbytes(record: ArrayRecord) -> int:
@@ -318,6 +264,12 @@ def _unpack(packed: np.ndarray, n: int, key: str) -> np.ndarray:
 def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str = "sparse",
                 max_bytes: int | None = None) -> HybridMask:
     """Validate and rebuild a global-layout :class:`HybridMask` from the wire."""
+    return decode_layout(record, structure, transport, max_bytes).mask
+
+
+def decode_layout(record: ArrayRecord, structure: ModelStructure, transport: str = "sparse",
+                  max_bytes: int | None = None) -> Layout:
+    """Validate a mask from the wire and return its :class:`Layout` (kept entries computed once)."""
     limit = max_bytes if max_bytes is not None else NO_LIMIT
     expected = {f"units/{g.name}" for g in structure.groups} | {f"weights/{n}" for n in structure.prunable}
     _check_names(record, expected, "mask payload")
@@ -334,6 +286,7 @@ def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str =
         if not bool(units[g.name].any()):
             raise CodecError(f"{key!r}: a group must keep at least one unit")
     kept = kept_entries(structure, units)
+    cshapes = compact_shapes(structure, kept)
     weights = {}
     for name in structure.prunable:
         key, shape = f"weights/{name}", structure.shapes[name]
@@ -343,8 +296,7 @@ def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str =
                 raise CodecError(f"{key!r}: mask values must be 0 or 1")
             weights[name] = torch.from_numpy(bits.astype(bool))
             continue
-        dims = kept.get(name, (None,) * len(shape))
-        cshape = tuple(s if d is None else len(d) for s, d in zip(shape, dims))
+        dims, cshape = kept.get(name, (None,) * len(shape)), cshapes[name]
         n = int(np.prod(cshape))
         packed = _take(record, key, "uint8", ((n + 7) // 8,), limit)
         compact = torch.from_numpy(_unpack(packed, n, key).astype(bool)).reshape(cshape)
@@ -355,7 +307,7 @@ def decode_mask(record: ArrayRecord, structure: ModelStructure, transport: str =
     remove_units(cleared, structure, units)
     if any(not torch.equal(cleared[n], weights[n]) for n in weights):
         raise CodecError("mask payload keeps weights of removed units")
-    return mask
+    return Layout.build(structure, mask, kept)
 
 
 def encode_guidance(matrix: Mapping[str, torch.Tensor], precision: str) -> ArrayRecord:

@@ -2,8 +2,8 @@
 
 A removed unit is cut out of every tensor it owns, so the client trains a
 model whose Conv/Linear/LSTM/GRU layers really are smaller. ``compact_model``
-does the surgery on a copy of the global architecture; the codec's
-:class:`~.codec.Layout` moves state dicts between the two layouts.
+does the surgery on a copy of the global architecture; the geometry's
+:class:`~.geometry.Layout` moves state dicts between the two layouts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import copy
 import torch
 from torch import nn
 
-from .structure import is_depthwise, select
+from .geometry import select
+from .structure import is_depthwise
 
 Kept = dict[str, tuple[torch.Tensor | None, ...]]
 

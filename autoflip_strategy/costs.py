@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from logging import WARNING
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,3 +113,22 @@ def training_flops_or_none(model: nn.Module, example_input: torch.Tensor,
         log(WARNING, "FLOPs cannot be counted for this model (%s: %s); train_flops is recorded as null",
             type(exc).__name__, exc)
         return None
+
+
+class FlopsByMask:
+    """Training FLOPs per example of the compact model at each mask version, counted once per version
+    (``None``, logged once, when the model cannot be counted)."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
+        self.model = model
+        self.example_input = example_input
+        self._by_version: dict[int, int | None] = {}
+
+    def at(self, version: int, layout: Any) -> int | None:
+        """FLOPs per example under mask ``version`` (``layout``: its :class:`~.geometry.Layout`)."""
+        if version not in self._by_version:
+            from .compact import compact_model
+
+            self._by_version[version] = training_flops_or_none(
+                compact_model(self.model, layout.kept), self.example_input, layout.compact_masks)
+        return self._by_version[version]

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .aggregation import WeightedAverage
+
 Tensors = dict[str, torch.Tensor]
 NORMALISATIONS = ("mean", "max", "none")
 
@@ -25,19 +27,14 @@ def local_guidance(initial: Mapping[str, torch.Tensor], trained: Mapping[str, to
 
 
 def weighted_mean(matrices: list[Mapping[str, torch.Tensor]], weights: list[float]) -> Tensors:
-    """Σ w_k M_k / Σ w_k, tensor by tensor (all matrices must share keys and shapes)."""
+    """Σ w_k M_k / Σ w_k, tensor by tensor, for matrices already in memory (the strategy streams
+    explorers' matrices into a :class:`~.aggregation.WeightedAverage` instead)."""
     if not matrices or len(matrices) != len(weights):
         raise ValueError("need one weight per matrix and at least one matrix")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("weights must sum to a positive number")
-    out: Tensors = {}
-    for name in matrices[0]:
-        acc = torch.zeros_like(matrices[0][name], dtype=torch.float64)
-        for m, w in zip(matrices, weights):
-            acc += m[name].to(torch.float64) * (w / total)
-        out[name] = acc.float()
-    return out
+    average = WeightedAverage()
+    for m, w in zip(matrices, weights):
+        average.add(m, w)
+    return average.result()
 
 
 def normalise(matrix: Mapping[str, torch.Tensor], how: str = "mean") -> Tensors:
@@ -53,33 +50,27 @@ def normalise(matrix: Mapping[str, torch.Tensor], how: str = "mean") -> Tensors:
 
 
 class UpdateStatistics:
-    """Streams the round's client updates into Σ w Δ² and Σ w sign(Δ)."""
+    """Streams the round's client updates into the weighted means of Δ² and sign(Δ)."""
 
     def __init__(self) -> None:
-        self._sq: Tensors = {}
-        self._sign: Tensors = {}
-        self._weight = 0.0
+        self._sq = WeightedAverage()
+        self._sign = WeightedAverage()
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
-        for name, d in delta.items():
-            d = d.double()
-            if name not in self._sq:
-                self._sq[name] = torch.zeros_like(d)
-                self._sign[name] = torch.zeros_like(d)
-            self._sq[name] += weight * d * d
-            self._sign[name] += weight * torch.sign(d)
-        self._weight += weight
+        d = {n: t.double() for n, t in delta.items()}
+        self._sq.add({n: t * t for n, t in d.items()}, weight)
+        self._sign.add({n: torch.sign(t) for n, t in d.items()}, weight)
 
     @property
     def empty(self) -> bool:
-        return self._weight == 0.0
+        return self._sq.weight == 0.0
 
     def squared_update(self) -> Tensors:
-        return {n: (t / self._weight).float() for n, t in self._sq.items()}
+        return self._sq.result()
 
     def sign_agreement(self) -> Tensors:
         """|weighted mean sign| in [0, 1]: 1 when every client moved a weight the same way."""
-        return {n: (t / self._weight).abs().float() for n, t in self._sign.items()}
+        return {n: t.abs() for n, t in self._sign.result().items()}
 
 
 def refresh(guidance: Mapping[str, torch.Tensor], stats: UpdateStatistics, decay: float,

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import HybridMask, tensor_masks
-from .structure import ModelStructure, UnitGroup, UnsupportedModelError, kept_entries, trace_structure
+from .geometry import kept_entries, tensor_masks
+from .masks import HybridMask
+from .structure import ModelStructure, UnitGroup, UnsupportedModelError, trace_structure
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 ABS_TOLERANCE = 1e-5  # max |compact - masked| allowed, scaled by max(1, output magnitude)

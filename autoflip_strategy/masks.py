@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .geometry import remove_units, tensor_masks  # noqa: F401 (tensor_masks: importable from here too)
 from .structure import ModelStructure, UnitGroup
 
 
@@ -76,30 +77,6 @@ def unit_scores(scores: Mapping[str, torch.Tensor], structure: ModelStructure) -
             if m.fan_in and m.tensor in scores
         ]
         out[group.name] = torch.stack(parts).mean(0) if parts else torch.zeros(group.size)
-    return out
-
-
-def remove_units(mask_tensors: dict[str, torch.Tensor], structure: ModelStructure,
-                 units: Mapping[str, torch.Tensor]) -> None:
-    """Clear, in place, every entry that a removed unit owns in the given tensors."""
-    for group in structure.groups:
-        keep = units.get(group.name)
-        if keep is None or bool(keep.all()):
-            continue
-        removed = torch.nonzero(~keep).flatten()
-        for member in group.members:
-            if member.tensor in mask_tensors:
-                index = group.entries(member, removed)
-                mask_tensors[member.tensor].index_fill_(member.dim, index, False)
-
-
-def tensor_masks(mask: HybridMask, structure: ModelStructure) -> dict[str, torch.Tensor]:
-    """Keep-masks for every tensor the mask touches: prunable weights plus coupled biases/norms."""
-    out = {n: m.clone() for n, m in mask.weights.items()}
-    for group in structure.groups:
-        for member in group.members:
-            out.setdefault(member.tensor, torch.ones(structure.shapes[member.tensor], dtype=torch.bool))
-    remove_units(out, structure, mask.units)
     return out
 
 

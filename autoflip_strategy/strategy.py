@@ -28,13 +28,10 @@ drive it like FedAvg. One round, as the hooks see it:
 
 from __future__ import annotations
 
-import inspect
-import json
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, replace
-from logging import ERROR, INFO, WARNING
+from dataclasses import replace
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +46,18 @@ from torch import nn
 
 from . import guidance as G
 from . import protocol as P
-from .aggregation import (RejectedReply, TrainReply, WeightedAverage, example_count, finite_metric, train_seconds,
-                          validate_train_reply)
-from .checkpoint import load_checkpoint, save_checkpoint
-from .codec import CodecError, Layout, decode_guidance, decode_state, encode_mask, encode_state, record_nbytes
-from .config import RESUME_NEUTRAL, AutoFLIPConfig, resolve_config
-from .costs import training_flops_or_none
-from .failures import RunFailed, condense, most_common_error, with_hint
+from .aggregation import (RejectedReply, TrainReply, WeightedAverage, normalised_reply, validate_eval_reply,
+                          validate_explore_reply, validate_train_reply)
+from .checkpoint import StrategyState, load_checkpoint, restore_strategy_state, save_checkpoint
+from .codec import decode_state, encode_mask, encode_state, record_nbytes
+from .config import AutoFLIPConfig, resolve_config
+from .costs import FlopsByMask
+from .failures import most_common_error, with_hint
+from .geometry import Layout
+from .intake import IntakeReport, intake_model, log_report
 from .masks import HybridMask, apply_mask, dense_mask, empty_output_rows
 from .nodes import NodeRegistry, one_reply_per_node, wait_for_nodes
-from .intake import IntakeReport, intake_model, log_report
+from .rounds import FailedRounds, RoundRecord, plus
 from .scoring import Method, MethodContext, build_method, round_mask
 from .structure import ModelStructure, structure_to_json
 
@@ -67,7 +66,6 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 FORWARDED_RUN_CONFIG = ("local-epochs", "lr", "learning-rate")  # run-config keys sent to clients (Flower templates)
 INTERNAL_METRICS = (P.MASK_VERSION, P.TRAIN_SECONDS, P.EPOCHS_RUN)  # reply metrics the user's aggregation never sees
-_GUIDANCE_TAKES_MAX_BYTES = "max_bytes" in inspect.signature(decode_guidance).parameters
 
 
 def forwarded_train_config(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -78,11 +76,6 @@ def forwarded_train_config(run_config: Mapping[str, Any] | None) -> dict[str, An
 def user_config(defaults: Mapping[str, Any], given: ConfigRecord | None, server_round: int) -> ConfigRecord:
     """The user's config for one message: the strategy's defaults, then what start() was given, then the round."""
     return ConfigRecord({**defaults, **dict(given or {}), P.ROUND: server_round})
-
-
-def _plus(total: int | float | None, per_unit: int | float | None, count: int) -> int | float | None:
-    """total + per_unit * count, where an unknown (None) term makes the sum unknown, never wrong."""
-    return None if total is None or per_unit is None else total + per_unit * count
 
 
 def clipping_wrapper(caller: object) -> str | None:
@@ -97,6 +90,43 @@ def clipping_wrapper(caller: object) -> str | None:
 
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:.2f} MB"
+
+
+def plain_handler_hint() -> ArrayRecord:
+    """What a plain Flower handler finds under ``arrayrecord_key``: a tensor whose name says what to do."""
+    return ArrayRecord({P.PLAIN_HANDLER_HINT: Array(np.zeros(0, dtype=np.float32))})
+
+
+def adopted_state(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]],
+                  masks: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Flower's global arrays as the model (float32 copies), masked when ``masks`` is given (the wrapped
+    pipeline may have changed them); fails when a tensor of the model is missing."""
+    given = arrays.to_torch_state_dict()
+    missing = set(shapes) - set(given)
+    if missing:
+        raise ValueError(f"the arrays lack tensors of the model: {sorted(missing)}")
+    state = {n: given[n].detach().float().clone() for n in shapes}
+    if masks is not None:
+        apply_mask(state, masks)
+    return state
+
+
+def write_back(arrays: ArrayRecord, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned coordinates in the caller's record too, so whoever holds it (Flower's start, a DP
+    wrapper's clipping reference, central evaluation) works with the pruned model."""
+    for name in masks:
+        if name in arrays:
+            arrays[name] = Array(state[name].numpy().astype(arrays[name].numpy().dtype, copy=False))
+
+
+def warn_empty_rows(mask: HybridMask, version: int, structure: ModelStructure, changed: bool) -> int:
+    """Classifier rows the mask leaves with no input (warned when the mask is new); their count."""
+    empty = empty_output_rows(mask.weights, structure)
+    if changed and empty:
+        log(WARNING, "Mask v%d leaves output rows with no input (%s): those outputs keep only their bias; "
+            "min-output-density (e.g. 0.5) reserves a share of every row", version,
+            ", ".join(f"{n}: {k} of {structure.shapes[n][0]}" for n, k in empty.items()))
+    return sum(empty.values())
 
 
 class AutoFLIP(Strategy):
@@ -192,10 +222,8 @@ class AutoFLIP(Strategy):
         self.intake: IntakeReport = intake.report
         log_report(self.intake)
         self._structure_json = structure_to_json(self.structure)
-        self._model = model
-        self._example_input = example_input
         self.method: Method = build_method(MethodContext(self.config, self.structure, model, example_input))
-        self._flops_per_example: dict[int, int | None] = {}  # None: the model's FLOPs cannot be counted
+        self._flops = FlopsByMask(model, example_input)
         self.state: dict[str, torch.Tensor] = {}
         self.mask: HybridMask = dense_mask(self.structure)
         self.mask_version = 0
@@ -206,19 +234,18 @@ class AutoFLIP(Strategy):
         self.nodes = NodeRegistry()  # partition handshake and absent nodes (nodes.py)
         self.partitions: dict[int, int] = self.nodes.partitions  # node id -> partition id (or -1)
         self.history: list[dict[str, Any]] = []
-        self._round: dict[str, Any] = {}
+        self._round = RoundRecord(0, "init")
         self._started = False  # stage 0 (exploration / initial record) done
         self._offset = 0  # rounds done before this start() (resume): Flower's round r is our round r + offset
         self._central_pending = False  # start() evaluates centrally after aggregate_evaluate and closes the round
         self._central0: MetricRecord | None = None
         self._sent: dict[str, list[Message]] = {}
-        self._filing = ""  # prefix of the record lists failures go to ("" train/explore, "eval_" evaluate)
-        self._failed_streak: list[str] = []  # failure reasons of the current run of failed rounds
-        self._failed_rounds = 0
+        self._failed = FailedRounds(self.config.max_failed_rounds)
 
-    # ------------------------------------------------------------------ helpers
+
+    # ------------------------------------------------------------------ Flower's strategy interface
     def summary(self) -> None:
-        c = self.config
+        c, prunes = self.config, self.method.prunes
         log(INFO, "\t├──> Sampling:")
         log(INFO, "\t│\t├──Fraction: train (%.2f) | evaluate ( %.2f)", c.fraction_train, c.fraction_evaluate)
         log(INFO, "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)", c.min_train_nodes,
@@ -229,8 +256,7 @@ class AutoFLIP(Strategy):
         log(INFO, "\t│\t├── ArrayRecord key: '%s'", self.arrayrecord_key)
         log(INFO, "\t│\t└── ConfigRecord key: '%s'", self.configrecord_key)
         log(INFO, "\t├──> Method: %s | sparsity %.2f (structured %.2f) | transport %s, values %s | max failed "
-            "rounds %d", c.strategy, c.sparsity if self.method.prunes else 0.0,
-            c.structured_sparsity if self.method.prunes else 0.0,
+            "rounds %d", c.strategy, c.sparsity if prunes else 0.0, c.structured_sparsity if prunes else 0.0,
             c.transport, c.value_precision, c.max_failed_rounds)
         log(INFO, "\t├──> Units: %s", ", ".join(f"{g.name}[{g.size}]" for g in self.structure.groups))
         log(INFO, "\t└──> Prunable weights: %d in %d tensors", self.structure.num_prunable, len(self.structure.prunable))
@@ -239,315 +265,68 @@ class AutoFLIP(Strategy):
         """The current global model (global layout, pruned coordinates zero)."""
         return ArrayRecord({n: t.clone() for n, t in self.state.items()})
 
-    def _flops(self) -> int | None:
-        """Training FLOPs per example at the current mask (compact structure, kept weights per layer);
-        ``None`` (logged once per mask) when the model cannot be counted."""
-        if self.mask_version not in self._flops_per_example:
-            from .compact import compact_model
-
-            compact = compact_model(self._model, self.layout.kept)
-            self._flops_per_example[self.mask_version] = training_flops_or_none(
-                compact, self._example_input, self.layout.compact_masks)
-        return self._flops_per_example[self.mask_version]
-
-    def _adopt(self, arrays: ArrayRecord) -> None:
-        """Flower's global arrays become the model, masked (the wrapped pipeline may have changed them)."""
-        given = arrays.to_torch_state_dict()
-        missing = set(self.structure.shapes) - set(given)
-        if missing:
-            raise ValueError(f"the arrays lack tensors of the model: {sorted(missing)}")
-        self.state = {n: given[n].detach().float().clone() for n in self.structure.shapes}
-        if self.method.prunes:
-            apply_mask(self.state, self.layout.tensor_masks)
-
-    def _write_back(self, arrays: ArrayRecord) -> None:
-        """Zero the pruned coordinates in the caller's record too, so whoever holds it (Flower's start, a DP
-        wrapper's clipping reference, central evaluation) works with the pruned model."""
-        for name in self.layout.tensor_masks if self.method.prunes else ():
-            if name in arrays:
-                arrays[name] = Array(self.state[name].numpy().astype(arrays[name].numpy().dtype, copy=False))
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        return wait_for_nodes(grid, self.config.min_available_nodes, self.config.round_timeout)
-
-    def _describe(self, grid: Grid, nodes: Iterable[int]) -> None:
-        """Ask nodes not known yet (nor absent) which partition they hold, under one handshake-timeout (nodes.py)."""
-        nodes = list(nodes)
-        new = [n for n in nodes if n not in self.partitions and n not in self.nodes.absent]
-        timeout = min(self.config.handshake_timeout, self.config.round_timeout)
-        refused = self.nodes.handshake(grid, new, nodes, timeout, self._round.get("round", 0), self.config.round_timeout)
-        self._round.setdefault("partition_refused", []).extend(refused)
-
-    def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str) -> list[int]:
-        """Seeded sample of present nodes, ordered by partition id so node ids (random per run) do not matter
-        (handshake, absent nodes, and partition ids learnt lazily above handshake-max-nodes: nodes.py)."""
-        c = self.config
-        nodes = self._wait_for_nodes(grid)
-        chosen, refused = self.nodes.sample(
-            grid, nodes, fraction, minimum, seed=c.seed, purpose=purpose, server_round=server_round,
-            handshake_timeout=min(c.handshake_timeout, c.round_timeout), handshake_max_nodes=c.handshake_max_nodes,
-            probe_ttl=max(c.round_timeout, 1.0), first_contact=c.round_timeout)
-        self._round.setdefault("partition_refused", []).extend(refused)
-        self._round["absent"] = self.nodes.absent_record()
-        return chosen
-
-    def _settings(self, server_round: int, node: int, **extra: Any) -> ConfigRecord:
-        """AutoFLIP's own keys for one node's message (the structure travels with a new mask version)."""
-        cfg = {P.ROUND: server_round, P.SEED: self.config.seed, P.TRANSPORT: self.config.transport,
-               P.VALUE_PRECISION: self.config.value_precision, P.MASK_VERSION: self.mask_version,
-               P.CONFIG_KEY: self.configrecord_key,
-               P.WEIGHT_KEY: self.weighted_by_key, **extra}
-        if self.delivered.get(node) != self.mask_version:
-            cfg[P.STRUCTURE] = self._structure_json
-        return ConfigRecord(cfg)
-
-    def _hint(self) -> ArrayRecord:
-        """What a plain Flower handler finds under ``arrayrecord_key``: a tensor whose name says what to do."""
-        return ArrayRecord({P.PLAIN_HANDLER_HINT: Array(np.zeros(0, dtype=np.float32))})
-
-    def _model_messages(self, server_round: int, nodes: list[int], message_type: str,
-                        config: ConfigRecord) -> list[Message]:
-        """One message per node: shared model arrays and user config, the mask only where it is missing."""
-        arrays = encode_state(self.layout.to_compact(self.state), self.layout, self.config.transport,
-                              self.config.value_precision)  # a rounded copy: the master stays float32
-        if message_type == MessageType.TRAIN:  # the guidance refresh measures updates from the rounded copy
-            self._sent_model = {} if self.config.value_precision == "float32" else self.layout.to_global(
-                decode_state(arrays, self.layout, self.config.transport, precision=self.config.value_precision))
-        mask = encode_mask(self.layout, self.config.transport) if self.mask_version else None
-        hint = self._hint()
-        extra = self.method.request_records(self.state, self.layout) if message_type == MessageType.TRAIN else {}
-        model_bytes = record_nbytes(arrays) + record_nbytes(hint) + sum(record_nbytes(r) for r in extra.values())
-        mask_bytes = record_nbytes(mask) if mask else 0
-        messages = []
-        for node in nodes:
-            needs_mask = self.delivered.get(node) != self.mask_version
-            content = RecordDict({self.arrayrecord_key: hint, self.configrecord_key: config, P.MODEL: arrays,
-                                  P.SETTINGS: self._settings(server_round, node), **extra})
-            if needs_mask and mask is not None:
-                content[P.MASK] = mask
-            structure_bytes = len(self._structure_json) if needs_mask else 0  # sent with a new mask version
-            self._round["bytes_down"] += model_bytes + (mask_bytes if needs_mask else 0) + structure_bytes
-            self._round["analytic_bytes_down"] += self.layout.analytic_bytes(needs_mask and mask is not None,
-                                                                              self.config.value_precision)
-            self._round["masks_sent"] += int(needs_mask and mask is not None)
-            messages.append(Message(content, dst_node_id=node, message_type=message_type))
-        return messages
-
-    def _new_round(self, server_round: int, phase: str) -> None:
-        self._round = {"round": server_round, "phase": phase, "bytes_down": 0, "bytes_up": 0,
-                       "analytic_bytes_down": 0, "analytic_bytes_up": 0, "train_flops": 0,
-                       "client_train_seconds": 0.0, "masks_sent": 0, "sampled": [], "replied": [],
-                       "dropped": [], "rejected": [], "eval_dropped": [], "eval_rejected": [],
-                       "_t0": time.perf_counter()}
-
-    def _note_failure(self, kind: str, node: int, reason: str) -> None:
-        reason = condense(reason)  # a client's traceback (Ray names its pid) becomes its root exception line
-        what = f"{self._filing}{'dropped' if kind == 'dropped' else 'rejected'}"
-        log(WARNING, "%s reply from node %d (partition %d): %s", what.replace("_", " "), node,
-            self.partitions.get(node, -1), reason)
-        self._round.setdefault(what, []).append({"partition": self.partitions.get(node, -1), "node": node,
-                                                 "reason": reason})
-
-    def _replies(self, sent: list[Message], replies: Iterable[Message]) -> list[Message]:
-        """Replies that carry content, in partition order (so aggregation is reproducible);
-        errors and missing replies are recorded as dropped, nodes that did not answer as absent,
-        and any reply beyond the first for a node as rejected (one reply per node per message)."""
-        kept, extra = one_reply_per_node(sent, replies)
-        for node, reason in extra:
-            self._note_failure("rejected", node, reason)
-        got, ok = set(), []
-        for node, reply in kept:
-            got.add(node)
-            if reply.metadata.src_node_id == node:  # not the SuperLink reporting the node offline
-                self.nodes.seen(node)
-            if reply.has_error():
-                self._note_failure("dropped", node, f"client error: {reply.error.reason}")
-            else:
-                ok.append(reply)
-        for msg in sent:
-            if (node := msg.metadata.dst_node_id) not in got:
-                self._note_failure("dropped", node, "no reply before the timeout")
-                self.nodes.mark_absent(node, self._round.get("round", 0),
-                                       f"no reply to {msg.metadata.message_type} before the timeout")
-        self._round["absent"] = self.nodes.absent_record()
-        return sorted(ok, key=lambda m: (self.partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
-
-    def _check_progress(self, accepted: int) -> None:
-        """No silent success: after ``max-failed-rounds`` rounds in a row in which no sampled client's reply
-        was accepted, close the round's record and raise :class:`RunFailed` with the most common error."""
-        r = self._round
-        if accepted or not r["sampled"]:
-            self._failed_streak, self._failed_rounds = [], 0
-            return
-        self._failed_rounds += 1
-        self._failed_streak += [f["reason"] for f in r["dropped"] + r["rejected"]] or ["no reply"]
-        r["failed"] = True
-        reason = with_hint(most_common_error(self._failed_streak))
-        log(ERROR, "Round %d failed: no sampled client's reply was accepted (%d failed round(s) in a row, "
-            "max-failed-rounds=%d): %s", r["round"], self._failed_rounds, self.config.max_failed_rounds, reason)
-        if self._failed_rounds >= self.config.max_failed_rounds:
-            self._finish_round(None, None)
-            raise RunFailed(f"{self._failed_rounds} rounds in a row without an accepted client reply; most common "
-                            f"error: {reason}", r["round"])
-
-    # --------------------------------------------------------------- stage 0
-    def _stage0(self, grid: Grid) -> None:
-        """Round 0: exploration (AutoFLIP) or just the initial record (baselines), before round 1 trains."""
-        explores = self.method.explores
-        self._new_round(0, "explore" if explores else "init")
-        if explores:
-            log(INFO, "")
-            log(INFO, "[EXPLORATION]")
-            self.explore(grid)
-        self._started = True
-        evaluation, self._central0 = self._central0, None
-        if explores:
-            self._check_progress(len(self._round["replied"]))
-        self._finish_round(evaluation, None)
-
-    def explore(self, grid: Grid) -> None:
-        """Stage 0: explorers train from θ₀ and return local guidance matrices."""
-        c = self.config
-        nodes = self._sample(grid, 0, c.explore_fraction, 1, "explore")
-        self._round["sampled"] = [self.partitions.get(n, -1) for n in nodes]
-        theta0 = ArrayRecord({n: t.clone() for n, t in self.state.items()})
-        size = record_nbytes(theta0)
-        config = user_config(self.train_config, None, 0)
-        sent = []
-        for node in nodes:
-            cfg = ConfigRecord({P.ROUND: 0, P.SEED: c.seed, P.EPOCHS: c.explore_epochs, P.PATIENCE: c.explore_patience,
-                                P.PRECISION: c.guidance_precision, P.CONFIG_KEY: self.configrecord_key,
-                                P.EXPLORE_KIND: self.method.explore_kind})
-            content = RecordDict({self.arrayrecord_key: self._hint(), self.configrecord_key: config, P.MODEL: theta0,
-                                  P.SETTINGS: cfg})
-            sent.append(Message(content, dst_node_id=node, message_type=P.EXPLORE))
-            self._round["bytes_down"] += size
-            self._round["analytic_bytes_down"] += 4 * sum(t.numel() for t in self.state.values())
-        log(INFO, "configure_explore: Sampled %d nodes (out of %d) | θ₀ %s each", len(sent),
-            len(list(grid.get_node_ids())), _mb(size))
-        matrices, weights = [], []
-        dense_flops = self._flops()
-        for reply in self._replies(sent, grid.send_and_receive(sent, timeout=c.round_timeout)):
-            node = reply.metadata.src_node_id
-            try:
-                if isinstance(guidance := reply.content.get(P.GUIDANCE), ArrayRecord):
-                    self._round["bytes_up"] += record_nbytes(guidance)  # received, accepted or not
-                matrix, n, epochs = self._validate_guidance(reply.content)
-                seconds = train_seconds(reply.content[P.METRICS])  # finite, >= 0, bounded
-            except RejectedReply as exc:
-                self._note_failure("rejected", node, str(exc))
-                continue
-            except Exception as exc:  # no single reply can stop a run
-                self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
-                continue
-            self._round["analytic_bytes_up"] += (16 if c.guidance_precision == "float16" else 32) * \
-                self.structure.num_prunable // 8
-            self._round["train_flops"] = _plus(self._round["train_flops"], dense_flops, n * epochs)
-            self._round["client_train_seconds"] += seconds
-            self._round["replied"].append(self.partitions.get(node, -1))
-            matrices.append(matrix)
-            weights.append(float(n) if c.explore_weighting == "examples" else 1.0)
-        log(INFO, "aggregate_explore: Received %d guidance matrices and %d failures", len(matrices),
-            len(self._round["dropped"]) + len(self._round["rejected"]))
-        if not matrices:
-            log(WARNING, "Exploration returned no valid guidance: falling back to weight magnitudes")
-        self.scores = self.method.explored(G.weighted_mean(matrices, weights) if matrices else None, self.state)
-
-    def _validate_guidance(self, content: RecordDict) -> tuple[dict[str, torch.Tensor], int, int]:
-        guidance, metrics = content.get(P.GUIDANCE), content.get(P.METRICS)
-        if not isinstance(guidance, ArrayRecord) or not isinstance(metrics, MetricRecord):
-            raise RejectedReply("exploration reply needs 'guidance' and 'metrics' records")
-        n = example_count(metrics, self.config.max_examples)
-        limit = {"max_bytes": int(self.config.max_payload_mb * 2**20)} if _GUIDANCE_TAKES_MAX_BYTES else {}
-        try:
-            matrix = decode_guidance(guidance, self.structure, self.config.guidance_precision, **limit)
-        except CodecError as exc:
-            raise RejectedReply(str(exc)) from None
-        epochs = metrics.get(P.EPOCHS_RUN, self.config.explore_epochs)
-        if not isinstance(epochs, int) or not 1 <= epochs <= self.config.explore_epochs:
-            raise RejectedReply(f"{P.EPOCHS_RUN}={epochs!r} is outside [1, {self.config.explore_epochs}]")
-        return matrix, n, epochs
-
-    # ----------------------------------------------------------- each round
-    def _update_mask(self, server_round: int) -> None:
-        if not self.method.prunes:
-            return
-        changed = not (self.method.fixed and self.mask_version) and self._recompute_mask(server_round)
-        empty = empty_output_rows(self.mask.weights, self.structure)
-        if changed and empty:
-            log(WARNING, "Mask v%d leaves output rows with no input (%s): those outputs keep only their bias; "
-                "min-output-density (e.g. 0.5) reserves a share of every row", self.mask_version,
-                ", ".join(f"{n}: {k} of {self.structure.shapes[n][0]}" for n, k in empty.items()))
-        self._round["empty_output_rows"] = sum(empty.values())
-
-    def _recompute_mask(self, server_round: int) -> bool:
-        """Recompute the mask from the current scores and apply it; True when it changed."""
-        previous = self.mask if self.mask_version else None
-        self.scores, mask = round_mask(self.method, self.scores, self.state, previous, server_round)
-        changed = not mask.equals(self.mask)
-        if changed:
-            self.mask, self.mask_version = mask, self.mask_version + 1
-            self.layout = Layout.build(self.structure, mask)
-        apply_mask(self.state, self.layout.tensor_masks)
-        return changed
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Exploration before round 1, then this round's mask and one message per sampled node."""
-        c, r = self.config, server_round + self._offset
+        c, r, method = self.config, server_round + self._offset, self.method
         caller = sys._getframe(1).f_locals.get("self")  # a wrapper that calls us (Flower's start does not)
         if c.transport != "dense" and (wrapper := clipping_wrapper(caller)):
             raise ValueError(f"{wrapper} clips each reply against the global arrays, so AutoFLIP must send "
                              f"replies in the global layout: use transport=\"dense\" (now {c.transport!r})")
-        self._adopt(arrays)
+        self.state = adopted_state(arrays, self.structure.shapes, self.layout.tensor_masks if method.prunes else None)
         if not self._started:
             self._stage0(grid)
-        self._new_round(r, "train")
-        self._update_mask(r)
-        self._write_back(arrays)
+        self._round = RoundRecord(r, "train")
+        if method.prunes:
+            changed = False
+            if not (method.fixed and self.mask_version):  # a fixed mask is computed once
+                previous = self.mask if self.mask_version else None
+                self.scores, mask = round_mask(method, self.scores, self.state, previous, r)
+                if changed := not mask.equals(self.mask):
+                    self.mask, self.mask_version = mask, self.mask_version + 1
+                    self.layout = Layout.build(self.structure, mask)
+                apply_mask(self.state, self.layout.tensor_masks)
+            self._round.empty_output_rows = warn_empty_rows(self.mask, self.mask_version, self.structure, changed)
+            write_back(arrays, self.state, self.layout.tensor_masks)
         if c.fraction_train <= 0:
             self._sent["train"] = []
             return []
         nodes = self._sample(grid, r, c.fraction_train, c.min_train_nodes, "train")
-        self._round["sampled"] = [self.partitions.get(n, -1) for n in nodes]
+        self._round.sampled = [self.partitions.get(n, -1) for n in nodes]
         messages = self._model_messages(r, nodes, MessageType.TRAIN, user_config(self.train_config, config, r))
         self._sent["train"] = messages
         log(INFO, "configure_train: Sampled %d nodes (out of %d) | mask v%d, density %.3f | down %s",
-            len(nodes), len(list(grid.get_node_ids())), self.mask_version, self._density(), _mb(self._round["bytes_down"]))
+            len(nodes), len(list(grid.get_node_ids())), self.mask_version, self.mask.density(),
+            _mb(self._round.bytes_down))
         return messages
-
-    def _density(self) -> float:
-        return self.mask.density() if self.method.prunes else 1.0
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each raw reply (a bad one is rejected, never fatal), average, re-mask, refresh guidance."""
-        c = self.config
-        self._round["train_aggregated"] = True
+        """Validate each raw reply (a bad one is rejected, never fatal), average, re-mask, refresh the scores."""
+        c, rec = self.config, self._round
+        rec.train_aggregated = True
         average, stats, contents, accepted, examples = WeightedAverage(), G.UpdateStatistics(), [], [], []
         fallback_epochs = int(self.train_config.get("local-epochs", 1))
         hidden = (set(INTERNAL_METRICS) | {P.NUM_EXAMPLES}) - {self.weighted_by_key}  # not the user's metrics
         for reply in self._replies(self._sent.pop("train", []), replies):
             node = reply.metadata.src_node_id
             try:
-                content, metrics = self._normalised(reply.content)
+                content, metrics = normalised_reply(reply.content, self.weighted_by_key)
                 if isinstance(arrays := content.get(P.ARRAYS), ArrayRecord):
-                    self._round["bytes_up"] += record_nbytes(arrays)
+                    rec.bytes_up += record_nbytes(arrays)
                 result: TrainReply = validate_train_reply(
                     content, self.layout, self.mask_version, c.transport, c.max_examples,
                     int(c.max_payload_mb * 2**20), c.value_precision)
                 start = self._sent_model or self.state  # updates are measured from what the client started from
                 delta = {n: result.state[n] - start[n] for n in self.structure.prunable}
-            except RejectedReply as exc:
-                self._note_failure("rejected", node, str(exc))
-                continue
             except Exception as exc:  # no single reply can stop a run
-                self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
+                reason = str(exc) if isinstance(exc, RejectedReply) else f"{type(exc).__name__}: {exc}"
+                rec.note_failure("rejected", node, self.partitions.get(node, -1), reason)
                 continue
             self.delivered[node] = self.mask_version
-            self._round["analytic_bytes_up"] += self.layout.analytic_bytes(False, c.value_precision)
-            self._round["client_train_seconds"] += result.seconds
-            self._round["replied"].append(self.partitions.get(node, -1))
+            rec.analytic_bytes_up += self.layout.analytic_bytes(False, c.value_precision)
+            rec.client_train_seconds += result.seconds
+            rec.replied.append(self.partitions.get(node, -1))
             average.add(result.state, result.num_examples)
             stats.add(delta, result.num_examples)
             epochs = metrics.get(P.EPOCHS_RUN, fallback_epochs)
@@ -556,16 +335,16 @@ class AutoFLIP(Strategy):
             contents.append(RecordDict({P.METRICS: MetricRecord(
                 {k: v for k, v in metrics.items() if k not in hidden})}))
         log(INFO, "aggregate_train: Received %d results and %d failures (%d rejected) | up %s",
-            len(accepted), len(self._round["dropped"]) + len(self._round["rejected"]), len(self._round["rejected"]),
-            _mb(self._round["bytes_up"]))
-        self._check_progress(len(accepted))
+            len(accepted), len(rec.failures()), len(rec.rejected), _mb(rec.bytes_up))
+        self._failed.observe(rec, len(accepted), self._finish_round)
         if len(accepted) < c.min_train_replies:
             log(WARNING, "Round %d: %d valid replies, fewer than min-train-replies=%d; the model is unchanged",
-                self._round["round"], len(accepted), c.min_train_replies)
+                rec.round, len(accepted), c.min_train_replies)
             return None, None
         self.state.update(average.result())
         apply_mask(self.state, self.layout.tensor_masks)
-        self._round["train_flops"] = _plus(self._round["train_flops"], self._flops(), sum(n * e for n, e in examples))
+        rec.train_flops = plus(rec.train_flops, self._flops.at(self.mask_version, self.layout),
+                               sum(n * e for n, e in examples))
         if self.scores is not None:
             self.scores = self.method.refresh(self.scores, stats)
         try:
@@ -574,32 +353,8 @@ class AutoFLIP(Strategy):
             log(WARNING, "train_metrics_aggr_fn failed (%s: %s); reporting AutoFLIP's metrics only",
                 type(exc).__name__, exc)
             metrics = MetricRecord()
-        metrics = MetricRecord({**dict(metrics), **self._round_metrics()})
+        metrics = MetricRecord({**dict(metrics), **rec.metrics(self.mask.density(), self.mask_version)})
         return self.global_arrays(), metrics
-
-    def _round_metrics(self) -> dict[str, float | int]:
-        """What AutoFLIP adds to Flower's per-round MetricRecords (and so to the returned Result)."""
-        r = self._round
-        metrics = {"density": self._density(), "mask_version": self.mask_version, "bytes_down": r["bytes_down"],
-                   "bytes_up": r["bytes_up"], "train_flops": r["train_flops"]}
-        return {k: v for k, v in metrics.items() if v is not None}  # FLOPs of an uncountable model: absent
-
-    def _normalised(self, content: RecordDict) -> tuple[RecordDict, MetricRecord]:
-        """The reply with its example count under AutoFLIP's key (FedAvg's ``weighted_by_key`` may differ)."""
-        metrics = content.get(P.METRICS)
-        if not isinstance(metrics, MetricRecord):
-            records = list(content.metric_records.values())
-            metrics = records[0] if len(records) == 1 else None
-        if not isinstance(metrics, MetricRecord):
-            raise RejectedReply(f"reply needs one MetricRecord (under {P.METRICS!r})")
-        if self.weighted_by_key != P.NUM_EXAMPLES and self.weighted_by_key in metrics:
-            metrics = MetricRecord({**dict(metrics), P.NUM_EXAMPLES: metrics[self.weighted_by_key]})
-        out = RecordDict({P.METRICS: metrics})
-        if isinstance(arrays := content.get(P.ARRAYS), ArrayRecord):
-            out[P.ARRAYS] = arrays
-        elif len(content.array_records) == 1:
-            out[P.ARRAYS] = next(iter(content.array_records.values()))
-        return out, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -607,8 +362,10 @@ class AutoFLIP(Strategy):
         self._sent["evaluate"] = []
         if c.fraction_evaluate <= 0:
             return []
-        self._adopt(arrays)
-        self._write_back(arrays)
+        masks = self.layout.tensor_masks if self.method.prunes else None
+        self.state = adopted_state(arrays, self.structure.shapes, masks)
+        if masks is not None:
+            write_back(arrays, self.state, masks)
         nodes = self._sample(grid, r, c.fraction_evaluate, c.min_evaluate_nodes, "evaluate")
         self._sent["evaluate"] = messages = self._model_messages(
             r, nodes, MessageType.EVALUATE, user_config(self.evaluate_config, config, r))
@@ -617,132 +374,34 @@ class AutoFLIP(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate client evaluations (failures filed under the round's ``eval_*``), then close the round."""
-        sent, contents = self._sent.pop("evaluate", []), []
-        self._filing = "eval_"
+        sent, contents, rec = self._sent.pop("evaluate", []), [], self._round
+        rec.filing = "eval_"
         try:
             for reply in self._replies(sent, replies) if sent else []:
                 node = reply.metadata.src_node_id
                 try:
-                    _, m = self._normalised(reply.content)
-                    example_count(m, self.config.max_examples)
-                    for key in m:
-                        finite_metric(m, key)
-                except RejectedReply as exc:
-                    self._note_failure("rejected", node, str(exc))
-                    continue
+                    metrics = validate_eval_reply(reply.content, self.weighted_by_key, self.config.max_examples)
                 except Exception as exc:
-                    self._note_failure("rejected", node, f"{type(exc).__name__}: {exc}")
+                    reason = str(exc) if isinstance(exc, RejectedReply) else f"{type(exc).__name__}: {exc}"
+                    rec.note_failure("rejected", node, self.partitions.get(node, -1), reason)
                     continue
                 self.delivered[node] = self.mask_version
-                contents.append(RecordDict({P.METRICS: MetricRecord(
-                    {k: v for k, v in m.items() if k != P.NUM_EXAMPLES or k == self.weighted_by_key})}))
+                contents.append(RecordDict({P.METRICS: metrics}))
         finally:
-            self._filing = ""
-        failed = self._round["eval_dropped"] + self._round["eval_rejected"]
+            rec.filing = ""
+        failed = rec.failures("eval_")
         if sent:
             log(INFO, "aggregate_evaluate: Received %d results and %d failures", len(contents), len(failed))
         if failed:
             log(WARNING, "Client evaluation failed on %d of %d nodes: %s", len(failed), len(sent),
                 with_hint(most_common_error(f["reason"] for f in failed)))
         federated = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
-        if not self._round.get("train_aggregated"):  # a wrapper skipped aggregate_train (e.g. DP on errors)
-            self._check_progress(0)
-        self._round["_federated"] = federated
+        if not rec.train_aggregated:  # a wrapper skipped aggregate_train (e.g. DP on errors)
+            self._failed.observe(rec, 0, self._finish_round)
+        rec.federated = federated
         if not self._central_pending:
-            self._finish_round(None, federated)
+            self._finish_round(None)
         return federated
-
-    # ------------------------------------------------------------- checkpoint
-    def checkpoint_state(self, server_round: int) -> dict[str, Any]:
-        """Everything needed to continue after ``server_round`` (tensors and JSON only)."""
-        return {
-            "round": server_round,
-            "config": json.dumps(asdict(self.config), sort_keys=True),
-            "state": self.state,
-            "mask_units": self.mask.units,
-            "mask_weights": self.mask.weights,
-            "mask_version": self.mask_version,
-            "scores": self.scores if self.scores is not None else {},
-            "history": json.dumps(self.history),
-        }
-
-    def load_checkpoint_state(self, payload: Mapping[str, Any]) -> int:
-        """Restore :meth:`checkpoint_state`; returns the last completed round.
-
-        Refuses (one :class:`CheckpointError`, a ValueError, listing every difference) a checkpoint
-        written under other settings or for a model with other tensor names or shapes."""
-        from .checkpoint import CheckpointError
-
-        lacks = sorted({"round", "config", "state", "mask_units", "mask_weights", "mask_version", "scores",
-                        "history"} - set(payload))
-        if lacks:
-            raise CheckpointError(f"checkpoint lacks {lacks}: not written by this strategy")
-        saved, mine = json.loads(payload["config"]), asdict(self.config)
-        # An option the checkpoint lacks did not exist when it was written: that run used its default.
-        saved = {**asdict(type(self.config)()), **saved}
-        differs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in sorted(mine)
-                   if k not in RESUME_NEUTRAL and saved.get(k) != mine[k]]
-        state, shapes = payload["state"], self.structure.shapes
-        differs += [f"tensor {n}: only in the checkpoint" for n in sorted(set(state) - set(shapes))]
-        differs += [f"tensor {n}: not in the checkpoint" for n in sorted(set(shapes) - set(state))]
-        differs += [f"tensor {n}: shape {tuple(state[n].shape)} -> {tuple(shapes[n])}" for n in sorted(shapes)
-                    if n in state and tuple(state[n].shape) != tuple(shapes[n])]
-        if differs:
-            raise CheckpointError("checkpoint does not fit this run (checkpoint -> now): " + "; ".join(differs))
-        self.state = {n: t.float() for n, t in payload["state"].items()}
-        self.mask = HybridMask(dict(payload["mask_units"]), dict(payload["mask_weights"]))
-        self.mask_version = int(payload["mask_version"])
-        self.layout = Layout.build(self.structure, self.mask)
-        self.scores = dict(payload["scores"]) or None
-        self.history = json.loads(payload["history"])
-        self.delivered = {}  # node ids and client state do not survive a restart: resend masks
-        return int(payload["round"])
-
-    # ------------------------------------------------------------------ driver
-    def _finish_round(self, evaluation: MetricRecord | None, federated: MetricRecord | None) -> dict[str, Any]:
-        r = self._round
-        if r.get("_finished"):
-            return r["_finished"]
-        record = {k: v for k, v in r.items() if not k.startswith("_") and k != "train_aggregated"}
-        record["seconds"] = time.perf_counter() - r["_t0"]
-        record["density"] = self._density()
-        record["mask_version"] = self.mask_version
-        record["accuracy"] = float(evaluation["accuracy"]) if evaluation and "accuracy" in evaluation else None
-        record["loss"] = float(evaluation["loss"]) if evaluation and "loss" in evaluation else None
-        if federated is not None:
-            for ours, theirs in (("client_accuracy", P.EVAL_ACC), ("client_loss", P.EVAL_LOSS)):
-                if theirs in federated:
-                    record[ours] = float(federated[theirs])
-        previous = self.history[-1] if self.history else {}
-        for key in ("bytes_down", "bytes_up", "analytic_bytes_down", "analytic_bytes_up", "train_flops",
-                    "client_train_seconds"):
-            record[f"cum_{key}"] = _plus(previous.get(f"cum_{key}", 0), record[key], 1)
-        r["_finished"] = record
-        self.history.append(record)
-        flops = "n/a" if record["train_flops"] is None else f"{record['train_flops'] / 1e9:.3g}"
-        log(INFO, "\t└──> AutoFLIP %s %d: density %.3f (mask v%d) | down %s, up %s | %s GFLOPs | %d/%d replies",
-            record["phase"], record["round"], record["density"], self.mask_version, _mb(record["bytes_down"]),
-            _mb(record["bytes_up"]), flops, len(record["replied"]), len(record["sampled"]))
-        if self.checkpoint is not None:
-            save_checkpoint(self.checkpoint, self.checkpoint_state(record["round"]))
-        if self.on_round:
-            self.on_round(record)
-        return record
-
-    def _central(self, evaluate_fn: EvaluateFn) -> EvaluateFn:
-        """Flower's central evaluation hook, closing each round's record once its central metrics are in."""
-
-        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0:
-                if self._started:  # resumed: the initial model was evaluated and recorded by the first run
-                    return None
-                self._central0 = evaluate_fn(0, arrays)
-                return self._central0
-            evaluation = evaluate_fn(server_round + self._offset, arrays)
-            self._finish_round(evaluation, self._round.get("_federated"))
-            return evaluation
-
-        return central
 
     def start(
         self,
@@ -764,23 +423,39 @@ class AutoFLIP(Strategy):
         if timeout is not None:
             self.config = replace(self.config, round_timeout=float(timeout))
         self._started, self._offset, self._central0 = False, 0, None
-        self._failed_streak, self._failed_rounds = [], 0
+        self._failed = FailedRounds(self.config.max_failed_rounds)
         initial = initial_arrays
         if resume and self.checkpoint is not None and self.checkpoint.exists():
-            done = self.load_checkpoint_state(load_checkpoint(self.checkpoint))
-            log(INFO, "Resuming after round %d from %s", done, self.checkpoint)
-            self._started, self._offset = True, done
+            saved = restore_strategy_state(load_checkpoint(self.checkpoint), self.config, self.structure.shapes)
+            self.state, self.mask, self.mask_version = saved.state, saved.mask, saved.mask_version
+            self.scores, self.history = saved.scores, saved.history
+            self.layout = Layout.build(self.structure, self.mask)
+            self.delivered = {}  # node ids and client state do not survive a restart: resend masks
+            log(INFO, "Resuming after round %d from %s", saved.round, self.checkpoint)
+            self._started, self._offset = True, saved.round
             initial = self.global_arrays()
-        else:
-            self._adopt(initial_arrays)  # fail before any message if the arrays do not fit the model
+        else:  # fail before any message if the arrays do not fit the model
+            self.state = adopted_state(initial_arrays, self.structure.shapes,
+                                       self.layout.tensor_masks if self.method.prunes else None)
         rounds = num_rounds - self._offset
         if rounds <= 0:
             return Result(arrays=self.global_arrays())
+
+        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            """Flower's central evaluation hook, closing each round's record once its central metrics are in."""
+            if server_round == 0:
+                if self._started:  # resumed: the initial model was evaluated and recorded by the first run
+                    return None
+                self._central0 = evaluate_fn(0, arrays)
+                return self._central0
+            evaluation = evaluate_fn(server_round + self._offset, arrays)
+            self._finish_round(evaluation)
+            return evaluation
+
         self._central_pending = evaluate_fn is not None
         try:
             result = Strategy.start(self, grid, initial, rounds, self.config.round_timeout, train_config,
-                                    evaluate_config, self._central(evaluate_fn) if evaluate_fn else None,
-                                    **flower_options)
+                                    evaluate_config, central if evaluate_fn else None, **flower_options)
         finally:
             self._central_pending = False
         if not self._started:  # no round ran: still record stage 0
@@ -791,3 +466,158 @@ class AutoFLIP(Strategy):
         if not len(result.arrays):
             result.arrays = self.global_arrays()
         return result
+
+    # ------------------------------------------------------------------ nodes (nodes.py)
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        return wait_for_nodes(grid, self.config.min_available_nodes, self.config.round_timeout)
+
+    def _describe(self, grid: Grid, nodes: Iterable[int]) -> None:
+        """Ask nodes not known yet (nor absent) which partition they hold, under one handshake-timeout (nodes.py)."""
+        nodes = list(nodes)
+        new = [n for n in nodes if n not in self.partitions and n not in self.nodes.absent]
+        timeout = min(self.config.handshake_timeout, self.config.round_timeout)
+        refused = self.nodes.handshake(grid, new, nodes, timeout, self._round.round, self.config.round_timeout)
+        self._round.refused(refused)
+
+    def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str) -> list[int]:
+        """Seeded sample of present nodes, ordered by partition id so node ids (random per run) do not matter
+        (handshake, absent nodes, and partition ids learnt lazily above handshake-max-nodes: nodes.py)."""
+        c = self.config
+        nodes = self._wait_for_nodes(grid)
+        chosen, refused = self.nodes.sample(
+            grid, nodes, fraction, minimum, seed=c.seed, purpose=purpose, server_round=server_round,
+            handshake_timeout=min(c.handshake_timeout, c.round_timeout), handshake_max_nodes=c.handshake_max_nodes,
+            probe_ttl=max(c.round_timeout, 1.0), first_contact=c.round_timeout)
+        self._round.refused(refused)
+        self._round.absent = self.nodes.absent_record()
+        return chosen
+
+    def _replies(self, sent: list[Message], replies: Iterable[Message]) -> list[Message]:
+        """Replies that carry content, in partition order (so aggregation is reproducible);
+        errors and missing replies are recorded as dropped, nodes that did not answer as absent,
+        and any reply beyond the first for a node as rejected (one reply per node per message)."""
+        kept, extra = one_reply_per_node(sent, replies)
+        for node, reason in extra:
+            self._round.note_failure("rejected", node, self.partitions.get(node, -1), reason)
+        got, ok = set(), []
+        for node, reply in kept:
+            got.add(node)
+            if reply.metadata.src_node_id == node:  # not the SuperLink reporting the node offline
+                self.nodes.seen(node)
+            if reply.has_error():
+                self._round.note_failure("dropped", node, self.partitions.get(node, -1), f"client error: {reply.error.reason}")
+            else:
+                ok.append(reply)
+        for msg in sent:
+            if (node := msg.metadata.dst_node_id) not in got:
+                self._round.note_failure("dropped", node, self.partitions.get(node, -1), "no reply before the timeout")
+                self.nodes.mark_absent(node, self._round.round,
+                                       f"no reply to {msg.metadata.message_type} before the timeout")
+        self._round.absent = self.nodes.absent_record()
+        return sorted(ok, key=lambda m: (self.partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
+
+    # ------------------------------------------------------------------ stage 0, messages, ledger
+    def _stage0(self, grid: Grid) -> None:
+        """Round 0: exploration (methods that explore) or just the initial record, before round 1 trains.
+
+        Explorers train from θ₀ and return one matrix per prunable weight; their weighted mean is streamed
+        (the memory of one matrix) and becomes the method's initial scores."""
+        c, method = self.config, self.method
+        rec = self._round = RoundRecord(0, "explore" if method.explores else "init")
+        if method.explores:
+            log(INFO, "")
+            log(INFO, "[EXPLORATION]")
+            nodes = self._sample(grid, 0, c.explore_fraction, 1, "explore")
+            rec.sampled = [self.partitions.get(n, -1) for n in nodes]
+            theta0 = ArrayRecord({n: t.clone() for n, t in self.state.items()})
+            size, config = record_nbytes(theta0), user_config(self.train_config, None, 0)
+            settings = ConfigRecord({P.ROUND: 0, P.SEED: c.seed, P.EPOCHS: c.explore_epochs,
+                                     P.PATIENCE: c.explore_patience, P.PRECISION: c.guidance_precision,
+                                     P.CONFIG_KEY: self.configrecord_key, P.EXPLORE_KIND: method.explore_kind})
+            sent = [Message(RecordDict({self.arrayrecord_key: plain_handler_hint(), self.configrecord_key: config,
+                                        P.MODEL: theta0, P.SETTINGS: settings}), dst_node_id=node,
+                            message_type=P.EXPLORE) for node in nodes]
+            rec.bytes_down += size * len(sent)
+            rec.analytic_bytes_down += 4 * sum(t.numel() for t in self.state.values()) * len(sent)
+            log(INFO, "configure_explore: Sampled %d nodes (out of %d) | θ₀ %s each", len(sent),
+                len(list(grid.get_node_ids())), _mb(size))
+            average, dense_flops = WeightedAverage(), self._flops.at(self.mask_version, self.layout)
+            for reply in self._replies(sent, grid.send_and_receive(sent, timeout=c.round_timeout)):
+                node = reply.metadata.src_node_id
+                try:
+                    if isinstance(guidance := reply.content.get(P.GUIDANCE), ArrayRecord):
+                        rec.bytes_up += record_nbytes(guidance)  # received, accepted or not
+                    got = validate_explore_reply(reply.content, self.structure, c.guidance_precision,
+                                                 c.max_examples, int(c.max_payload_mb * 2**20), c.explore_epochs)
+                except Exception as exc:  # no single reply can stop a run
+                    reason = str(exc) if isinstance(exc, RejectedReply) else f"{type(exc).__name__}: {exc}"
+                    rec.note_failure("rejected", node, self.partitions.get(node, -1), reason)
+                    continue
+                rec.analytic_bytes_up += (16 if c.guidance_precision == "float16" else 32) * \
+                    self.structure.num_prunable // 8
+                rec.train_flops = plus(rec.train_flops, dense_flops, got.num_examples * got.epochs)
+                rec.client_train_seconds += got.seconds
+                rec.replied.append(self.partitions.get(node, -1))
+                average.add(got.matrix, float(got.num_examples) if c.explore_weighting == "examples" else 1.0)
+            log(INFO, "aggregate_explore: Received %d guidance matrices and %d failures", average.count,
+                len(rec.failures()))
+            if not average.count:
+                log(WARNING, "Exploration returned no valid guidance: falling back to weight magnitudes")
+            self.scores = method.explored(average.result() if average.count else None, self.state)
+        self._started = True
+        evaluation, self._central0 = self._central0, None
+        if method.explores:
+            self._failed.observe(rec, len(rec.replied), self._finish_round)
+        self._finish_round(evaluation)
+
+    def _model_messages(self, server_round: int, nodes: list[int], message_type: str,
+                        config: ConfigRecord) -> list[Message]:
+        """One message per node: shared model arrays and user config, the mask (and the structure) only where
+        the node lacks this mask version, plus the method's per-round records on training messages."""
+        c, layout = self.config, self.layout
+        arrays = encode_state(layout.to_compact(self.state), layout, c.transport,
+                              c.value_precision)  # a rounded copy: the master stays float32
+        if message_type == MessageType.TRAIN:  # the guidance refresh measures updates from the rounded copy
+            self._sent_model = {} if c.value_precision == "float32" else layout.to_global(
+                decode_state(arrays, layout, c.transport, precision=c.value_precision))
+        mask = encode_mask(layout, c.transport) if self.mask_version else None
+        hint = plain_handler_hint()
+        extra = self.method.request_records(self.state, layout) if message_type == MessageType.TRAIN else {}
+        model_bytes = record_nbytes(arrays) + record_nbytes(hint) + sum(record_nbytes(r) for r in extra.values())
+        mask_bytes = record_nbytes(mask) if mask else 0
+        settings = {P.ROUND: server_round, P.SEED: c.seed, P.TRANSPORT: c.transport,
+                    P.VALUE_PRECISION: c.value_precision, P.MASK_VERSION: self.mask_version,
+                    P.CONFIG_KEY: self.configrecord_key, P.WEIGHT_KEY: self.weighted_by_key}
+        messages = []
+        for node in nodes:
+            needs_mask = self.delivered.get(node) != self.mask_version  # the structure travels with a new version
+            ours = ConfigRecord({**settings, P.STRUCTURE: self._structure_json} if needs_mask else settings)
+            content = RecordDict({self.arrayrecord_key: hint, self.configrecord_key: config, P.MODEL: arrays,
+                                  P.SETTINGS: ours, **extra})
+            if needs_mask and mask is not None:
+                content[P.MASK] = mask
+            structure_bytes = len(self._structure_json) if needs_mask else 0
+            self._round.bytes_down += model_bytes + (mask_bytes if needs_mask else 0) + structure_bytes
+            self._round.analytic_bytes_down += layout.analytic_bytes(needs_mask and mask is not None,
+                                                                     c.value_precision)
+            self._round.masks_sent += int(needs_mask and mask is not None)
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        return messages
+
+    def _finish_round(self, evaluation: MetricRecord | None = None) -> dict[str, Any]:
+        """Close the round's record once (history, log, checkpoint, ``on_round``); later calls return it."""
+        if self._round.closed is not None:
+            return self._round.closed
+        record = self._round.close(self.history[-1] if self.history else {}, self.mask.density(),
+                                   self.mask_version, evaluation)
+        self.history.append(record)
+        flops = "n/a" if record["train_flops"] is None else f"{record['train_flops'] / 1e9:.3g}"
+        log(INFO, "\t└──> AutoFLIP %s %d: density %.3f (mask v%d) | down %s, up %s | %s GFLOPs | %d/%d replies",
+            record["phase"], record["round"], record["density"], self.mask_version, _mb(record["bytes_down"]),
+            _mb(record["bytes_up"]), flops, len(record["replied"]), len(record["sampled"]))
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, StrategyState(record["round"], self.config, self.state, self.mask,
+                                                           self.mask_version, self.scores, self.history).payload())
+        if self.on_round:
+            self.on_round(record)
+        return record

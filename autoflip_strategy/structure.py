@@ -345,52 +345,6 @@ def _check_unit_major(idxs, size: int, block: int, where: str) -> None:
         raise UnsupportedModelError(f"unexpected index layout at {where!r} (e.g. a branch at a concatenation offset)")
 
 
-def kept_entries(
-    structure: ModelStructure, units: dict[str, torch.Tensor]
-) -> dict[str, tuple[torch.Tensor | None, ...]]:
-    """Per tensor and dimension, the kept positions (``None``: the whole dimension).
-
-    ``units`` maps group name to a bool keep-vector; missing groups keep all.
-    Only tensors with at least one narrowed dimension appear in the result.
-    """
-    kept: dict[str, list[torch.Tensor | None]] = {}
-    for group in structure.groups:
-        keep = units.get(group.name)
-        if keep is None or bool(keep.all()):
-            continue
-        removed = torch.nonzero(~keep).flatten()
-        for member in group.members:
-            shape = structure.shapes[member.tensor]
-            dims = kept.setdefault(member.tensor, [None] * len(shape))
-            current = dims[member.dim]
-            alive = torch.ones(shape[member.dim], dtype=torch.bool)
-            if current is not None:
-                alive[:] = False
-                alive[current] = True
-            alive[group.entries(member, removed)] = False
-            dims[member.dim] = torch.nonzero(alive).flatten()
-    return {name: tuple(dims) for name, dims in kept.items()}
-
-
-def select(tensor: torch.Tensor, dims: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-    """Cut the kept rows/columns out of a global-layout tensor."""
-    for d, idx in enumerate(dims):
-        if idx is not None:
-            tensor = tensor.index_select(d, idx)
-    return tensor
-
-
-def scatter(compact: torch.Tensor, dims: tuple[torch.Tensor | None, ...], shape: tuple[int, ...]) -> torch.Tensor:
-    """Place a compact tensor back into a zero global-layout tensor (inverse of :func:`select`)."""
-    out = torch.zeros(shape, dtype=compact.dtype)
-    index = tuple(
-        (torch.arange(s) if idx is None else idx).reshape([-1 if j == d else 1 for j in range(len(shape))])
-        for d, (idx, s) in enumerate(zip(dims, shape))
-    )
-    out[index] = compact
-    return out
-
-
 def structure_to_json(structure: ModelStructure) -> str:
     """A compact JSON form, so that clients need no tracing (nor Torch-Pruning)."""
     import json

@@ -10,7 +10,7 @@ from torch import nn
 from autoflip_strategy import UnsupportedModelError, intake_model
 from autoflip_strategy.compact import compact_model
 from autoflip_strategy.intake import compact_mismatch, masked_copy, random_unit_mask
-from autoflip_strategy.structure import kept_entries
+from autoflip_strategy.geometry import kept_entries
 from models_under_test import ALL
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from autoflip_strategy import AutoFLIP, AutoFLIPClient, AutoFLIPConfig, TrainOutcome, TrainTask, UnsupportedModelError
 from autoflip_strategy.compact import compact_model
 from autoflip_strategy.intake import intake_model, masked_copy, random_unit_mask
-from autoflip_strategy.structure import kept_entries
+from autoflip_strategy.geometry import kept_entries
 from model_zoo import ZOO
 from runner.inprocess import InProcessGrid
 

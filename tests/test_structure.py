@@ -5,9 +5,6 @@ from torch import nn
 from autoflip_strategy.structure import (
     UnsupportedModelError,
     discover_structure,
-    kept_entries,
-    scatter,
-    select,
     structure_from_json,
     structure_to_json,
     trace_structure,
@@ -65,23 +62,6 @@ def test_unit_entries_cover_gates_and_blocks():
     g = discover_structure(model, x).group("conv2")
     flat = next(m for m in g.members if m.block == 4)
     assert g.entries(flat, torch.tensor([2])).tolist() == [8, 9, 10, 11]
-
-
-def test_kept_entries_select_and_scatter_round_trip():
-    model, x = cnn()
-    s = discover_structure(model, x)
-    keep = torch.ones(64, dtype=torch.bool)
-    keep[[0, 5]] = False
-    kept = kept_entries(s, {"conv2": keep})
-    assert set(kept) == {"conv2.weight", "conv2.bias", "fc1.weight"}
-    assert kept["fc1.weight"][0] is None and len(kept["fc1.weight"][1]) == 62 * 4
-    w = model.fc1.weight.detach()
-    compact = select(w, kept["fc1.weight"])
-    assert compact.shape == (512, 248)
-    back = scatter(compact, kept["fc1.weight"], tuple(w.shape))
-    assert torch.equal(back[:, 0:4], torch.zeros(512, 4))  # unit 0
-    assert torch.equal(back[:, 20:24], torch.zeros(512, 4))  # unit 5
-    assert torch.equal(back[:, 4:20], w[:, 4:20])
 
 
 def test_json_round_trip_and_rejects_inconsistent_structure():
