@@ -1,15 +1,17 @@
 """Run-config options: one table that parses, validates and documents them.
 
 Flower hands apps a flat ``{kebab-key: value}`` run config. Every key is
-declared once as an :class:`Option` (default, type, range or choices, help),
-so a bad value fails up front with an error that names the key and what it
-accepts, and the README table can be checked against the same list.
+declared once, as a field of :class:`AutoFLIPConfig` (default, type, range or
+choices, help); :data:`STRATEGY_OPTIONS` is read off those fields, so a bad value
+fails up front with an error that names the key and what it accepts, and
+``pyproject.toml`` and the README table are checked against the same list
+(``tests/test_config.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .scoring import METHODS
@@ -55,57 +57,6 @@ def parse_options(raw: Mapping[str, Any], options: Sequence[Option], strict: boo
     return {o.key: o.parse(raw[o.key]) if o.key in raw else o.default for o in options}
 
 
-STRATEGY_OPTIONS: tuple[Option, ...] = (
-    Option("strategy", "autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, or PruneFL-style global magnitude pruning.",
-           choices=tuple(METHODS)),
-    Option("sparsity", 0.5, "Fraction of all prunable weights removed (units and single weights together); final density is 1 - sparsity.",
-           low=0.0, high=1.0, high_open=True),
-    Option("structured-sparsity", 0.2, "Fraction of units (filters, neurons, LSTM units) removed from every prunable layer.",
-           low=0.0, high=1.0, high_open=True),
-    Option("sparsity-initial", -1.0, "Sparsity in round 1 when a ramp is configured (structured sparsity ramps in "
-           "proportion); -1: same as sparsity.", low=-1.0, high=1.0, high_open=True),
-    Option("sparsity-ramp-rounds", 0, "Rounds over which sparsity ramps linearly from sparsity-initial to sparsity (0: no ramp).", low=0),
-    Option("regrowth", False, "Allow weights pruned in an earlier round to come back."),
-    Option("min-output-density", 0.0, "Share of each fixed output's (classifier row's) remaining fan-in that the "
-           "unstructured part always keeps, by guidance (0: pure global ranking, which empties rows on Shakespeare).",
-           low=0.0, high=1.0),
-    Option("explore-fraction", 1.0, "Fraction of available clients that explore before round 1.", low=0.0, high=1.0),
-    Option("explore-epochs", 3, "Maximum local epochs of exploration.", low=1),
-    Option("explore-patience", 1, "Stop exploring after this many epochs without a lower epoch-mean loss.", low=1),
-    Option("explore-weighting", "examples", "Weight local guidance matrices by example count or uniformly.",
-           choices=("examples", "uniform")),
-    Option("guidance-precision", "float32", "Precision of exploration uplink (float16 is scaled per tensor).",
-           choices=("float32", "float16")),
-    Option("value-precision", "float32", "Precision of the kept weight values on the wire, both directions: "
-           "float16 or int8 codes with one float32 scale per 64 values (int8 uplink: stochastic rounding and "
-           "error feedback); the server keeps float32 weights.", choices=("float32", "float16", "int8")),
-    Option("guidance-norm", "mean", "Per-tensor normalisation of guidance before the global ranking.",
-           choices=("mean", "max", "none")),
-    Option("guidance-decay", 0.8, "Weight of the previous guidance when the round's updates refresh it.", low=0.0, high=1.0),
-    Option("agreement-weight", 0.5, "How much update-sign agreement across clients scales the refresh (0: ignore).",
-           low=0.0, high=1.0),
-    Option("fraction-train", 0.5, "Fraction of available clients sampled each round.", low=0.0, high=1.0, high_open=False),
-    Option("min-train-nodes", 2, "Minimum clients sampled per round.", low=1),
-    Option("min-train-replies", 1, "Minimum valid replies for a round to update the model (else it keeps the old one).", low=1),
-    Option("fraction-evaluate", 0.0, "Fraction of clients that evaluate the global model on their data each round (0: central only).",
-           low=0.0, high=1.0),
-    Option("min-evaluate-nodes", 2, "Minimum clients sampled for client-side evaluation (when fraction-evaluate > 0).", low=1),
-    Option("min-available-nodes", 2, "Wait for this many connected clients before starting.", low=1),
-    Option("transport", "sparse", "Wire format: kept values + bitmaps (sparse) or masked dense tensors (dense, for checks).",
-           choices=("sparse", "dense")),
-    Option("max-examples", 10_000_000, "Replies claiming more examples than this are rejected.", low=1),
-    Option("max-payload-mb", 512.0, "Replies with an array larger than this are rejected.", low=0.0),
-    Option("max-failed-rounds", 3, "Stop the run as failed after this many rounds in a row with no accepted "
-           "client reply (the reason names the most common client error).", low=1),
-    Option("round-timeout", 3600.0, "Seconds to wait for replies in each stage.", low=0.0),
-    Option("handshake-timeout", 60.0, "Seconds to wait for the partition-id handshake (capped by round-timeout); "
-           "nodes that do not answer are absent, not sampled until they reply again.", low=0.0),
-    Option("handshake-max-nodes", 1000, "Ask every node for its partition id up front while at most this many are "
-           "connected (sampling by partition id in every run); above it, only sampled nodes are asked.", low=0),
-    Option("seed", 0, "Seed for client sampling, random masks and client training.", low=0),
-)
-
-
 SAME_AS_SPARSITY = -1.0
 """Declared default of ``sparsity-initial``: Flower merges every declared default into the run config, so
 "not set" must be a value that means "no ramp start of its own" (the ramp then starts at ``sparsity``)."""
@@ -120,40 +71,70 @@ def resolve_sparsity_initial(sparsity: float, sparsity_initial: float) -> float:
     return sparsity_initial
 
 
+def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
+           high: float | None = None, high_open: bool = False) -> Any:
+    """An :class:`AutoFLIPConfig` field declared once: its default and what its run-config key accepts
+    (:data:`STRATEGY_OPTIONS` is read off these fields)."""
+    spec = {"help": help, "choices": choices, "low": low, "high": high, "high_open": high_open}
+    return field(default=default, metadata={"option": spec})
+
+
 @dataclass(frozen=True)
 class AutoFLIPConfig:
-    """The strategy's settings; field ``x_y`` is run-config key ``x-y``."""
+    """The strategy's settings, each declared once; field ``x_y`` is run-config key ``x-y``."""
 
-    strategy: str = "autoflip"
-    sparsity: float = 0.5
-    structured_sparsity: float = 0.2
-    sparsity_initial: float = -1.0  # SAME_AS_SPARSITY
-    sparsity_ramp_rounds: int = 0
-    regrowth: bool = False
-    min_output_density: float = 0.0
-    explore_fraction: float = 1.0
-    explore_epochs: int = 3
-    explore_patience: int = 1
-    explore_weighting: str = "examples"
-    guidance_precision: str = "float32"
-    value_precision: str = "float32"
-    guidance_norm: str = "mean"
-    guidance_decay: float = 0.8
-    agreement_weight: float = 0.5
-    fraction_train: float = 0.5
-    min_train_nodes: int = 2
-    min_train_replies: int = 1
-    fraction_evaluate: float = 0.0
-    min_evaluate_nodes: int = 2
-    min_available_nodes: int = 2
-    transport: str = "sparse"
-    max_examples: int = 10_000_000
-    max_payload_mb: float = 512.0
-    max_failed_rounds: int = 3
-    round_timeout: float = 3600.0
-    handshake_timeout: float = 60.0
-    handshake_max_nodes: int = 1000
-    seed: int = 0
+    strategy: str = option("autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, or PruneFL-style "
+        "global magnitude pruning.", choices=tuple(METHODS))
+    sparsity: float = option(0.5, "Fraction of all prunable weights removed (units and single weights together); "
+        "final density is 1 - sparsity.", low=0.0, high=1.0, high_open=True)
+    structured_sparsity: float = option(0.2, "Fraction of units (filters, neurons, LSTM units) removed from every "
+        "prunable layer.", low=0.0, high=1.0, high_open=True)
+    sparsity_initial: float = option(SAME_AS_SPARSITY, "Sparsity in round 1 when a ramp is configured (structured "
+        "sparsity ramps in proportion); -1: same as sparsity.", low=-1.0, high=1.0, high_open=True)
+    sparsity_ramp_rounds: int = option(0, "Rounds over which sparsity ramps linearly from sparsity-initial to "
+        "sparsity (0: no ramp).", low=0)
+    regrowth: bool = option(False, "Allow weights pruned in an earlier round to come back.")
+    min_output_density: float = option(0.0, "Share of each fixed output's (classifier row's) remaining fan-in that "
+        "the unstructured part always keeps, by guidance (0: pure global ranking, which empties rows on "
+        "Shakespeare).", low=0.0, high=1.0)
+    explore_fraction: float = option(1.0, "Fraction of available clients that explore before round 1.",
+        low=0.0, high=1.0)
+    explore_epochs: int = option(3, "Maximum local epochs of exploration.", low=1)
+    explore_patience: int = option(1, "Stop exploring after this many epochs without a lower epoch-mean loss.", low=1)
+    explore_weighting: str = option("examples", "Weight local guidance matrices by example count or uniformly.",
+        choices=("examples", "uniform"))
+    guidance_precision: str = option("float32", "Precision of exploration uplink (float16 is scaled per tensor).",
+        choices=("float32", "float16"))
+    value_precision: str = option("float32", "Precision of the kept weight values on the wire, both directions: "
+        "float16 or int8 codes with one float32 scale per 64 values (int8 uplink: stochastic rounding and error "
+        "feedback); the server keeps float32 weights.", choices=("float32", "float16", "int8"))
+    guidance_norm: str = option("mean", "Per-tensor normalisation of guidance before the global ranking.",
+        choices=("mean", "max", "none"))
+    guidance_decay: float = option(0.8, "Weight of the previous guidance when the round's updates refresh it.",
+        low=0.0, high=1.0)
+    agreement_weight: float = option(0.5, "How much update-sign agreement across clients scales the refresh (0: "
+        "ignore).", low=0.0, high=1.0)
+    fraction_train: float = option(0.5, "Fraction of available clients sampled each round.", low=0.0, high=1.0)
+    min_train_nodes: int = option(2, "Minimum clients sampled per round.", low=1)
+    min_train_replies: int = option(1, "Minimum valid replies for a round to update the model (else it keeps the old "
+        "one).", low=1)
+    fraction_evaluate: float = option(0.0, "Fraction of clients that evaluate the global model on their data each "
+        "round (0: central only).", low=0.0, high=1.0)
+    min_evaluate_nodes: int = option(2, "Minimum clients sampled for client-side evaluation (when fraction-evaluate > "
+        "0).", low=1)
+    min_available_nodes: int = option(2, "Wait for this many connected clients before starting.", low=1)
+    transport: str = option("sparse", "Wire format: kept values + bitmaps (sparse) or masked dense tensors (dense, "
+        "for checks).", choices=("sparse", "dense"))
+    max_examples: int = option(10_000_000, "Replies claiming more examples than this are rejected.", low=1)
+    max_payload_mb: float = option(512.0, "Replies with an array larger than this are rejected.", low=0.0)
+    max_failed_rounds: int = option(3, "Stop the run as failed after this many rounds in a row with no accepted "
+        "client reply (the reason names the most common client error).", low=1)
+    round_timeout: float = option(3600.0, "Seconds to wait for replies in each stage.", low=0.0)
+    handshake_timeout: float = option(60.0, "Seconds to wait for the partition-id handshake (capped by "
+        "round-timeout); nodes that do not answer are absent, not sampled until they reply again.", low=0.0)
+    handshake_max_nodes: int = option(1000, "Ask every node for its partition id up front while at most this many are "
+        "connected (sampling by partition id in every run); above it, only sampled nodes are asked.", low=0)
+    seed: int = option(0, "Seed for client sampling, random masks and client training.", low=0)
 
     def __post_init__(self) -> None:
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -172,6 +153,10 @@ class AutoFLIPConfig:
     def prunes(self) -> bool:
         return METHODS[self.strategy].prunes
 
+
+STRATEGY_OPTIONS: tuple[Option, ...] = tuple(
+    Option(f.name.replace("_", "-"), f.default, **f.metadata["option"]) for f in fields(AutoFLIPConfig))
+"""Every strategy option (key, default, type, range or choices, help), read off :class:`AutoFLIPConfig`."""
 
 _KEYS = {o.key for o in STRATEGY_OPTIONS}
 
