@@ -16,7 +16,6 @@ from autoflip_strategy.config import (
     ConfigError,
     Option,
     parse_options,
-    resolve_sparsity_initial,
 )
 
 from .data import DATASETS, PARTITIONINGS
@@ -82,8 +81,7 @@ def app_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     values["run-name"] = check_run_name(values["run-name"])
     if values["resume"] and not values["run-name"]:
         raise ConfigError("resume: needs run-name, the folder under output-dir of the run to continue")
-    values["sparsity-initial"] = resolve_sparsity_initial(values["sparsity"], values["sparsity-initial"])
-    AutoFLIPConfig.from_run_config(values)
+    values["sparsity-initial"] = AutoFLIPConfig.from_run_config(values).sparsity_initial  # the strategy's rule
     return values
 
 

@@ -51,6 +51,20 @@ def test_dataclass_defaults_match_the_option_table():
     assert AutoFLIPConfig.from_run_config({"sparsity": 0.7, "dataset": "x"}).sparsity_initial == 0.7
 
 
+def test_sparsity_initial_follows_sparsity_under_flower_merged_defaults():
+    """``flwr run`` merges every pyproject default into the run config, so sparsity-initial arrives as its
+    declared default; the ramp must still start at the sparsity actually set (config, keyword or run config)."""
+    from autoflip_strategy.config import resolve_config
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    merged = {**declared, "sparsity": 0.7}
+    assert resolve_config(None, merged, {}).sparsity_initial == 0.7
+    assert resolve_config(AutoFLIPConfig(sparsity=0.3), merged, {}).sparsity_initial == 0.7
+    assert resolve_config(AutoFLIPConfig(sparsity=0.3), declared, {"sparsity": 0.6}).sparsity_initial == 0.6
+    assert resolve_config(None, {**merged, "sparsity-initial": 0.2}, {}).sparsity_initial == 0.2
+    assert app_config(merged)["sparsity-initial"] == 0.7
+
+
 def test_pyproject_declares_every_key_with_the_code_default():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == {o.key: o.default for o in ALL_OPTIONS}
