@@ -64,33 +64,30 @@ worker logs of that job name the ``ClientAppActor`` actors.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
-import json
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.proc_memory import (  # noqa: F401 - RUNNER_MARKER_VAR, MemoryPeak: this benchmark's names
+    ACTOR_KIND, GIB, RUNNER_MARKER_VAR, SIM_KIND, MemoryPeak, TreeMemorySampler, process_kind)
+from benchmarks.ray_cluster import (  # noqa: F401 - cluster_jobs: this benchmark's names
+    HEAD_MARKER_VAR, RayHead, cluster_evidence, cluster_jobs, ray_address_env, resolve_ray_address)
+from benchmarks.report import write_report
+from benchmarks.settings import CONF, load_profile
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-RUNNER_MARKER_VAR = "AUTOFLIP_RUNNER_MARKER"  # runner.simulation.MARKER_VAR (kept literal: no import cost)
-HEAD_MARKER_VAR = "AUTOFLIP_RAY_HEAD_MARKER"
-GIB = 2**30
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+SETTINGS_FILE = CONF / "scale.toml"
 
 
 def shared_data() -> Path:
@@ -101,23 +98,30 @@ def shared_data() -> Path:
 # ------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Settings:
-    client_counts: tuple[int, ...] = (100, 500, 1000)
-    per_round: int = 10  # clients trained per round, the same at every client count
-    explorers: int = 10  # clients exploring in stage 0, the same at every client count
-    rounds: int = 3
-    dataset: str = "mnist"
-    client_cpus: int = 2  # client-resources-num-cpus: 2 -> one ClientApp actor on this 2-core machine
-    local_epochs: int = 1
-    explore_epochs: int = 1
-    batch_size: int = 32
-    max_eval_examples: int = 1000
-    sample_interval: float = 0.25
-    timeout: float = 1800.0
-    handshake_max_nodes: int = 1000  # the strategy's default: ask every node up to this many, else sampled ones
+    """One benchmark run's settings; the values live in ``benchmarks/conf/scale.toml``."""
+
+    client_counts: tuple[int, ...]
+    per_round: int  # clients trained per round, the same at every client count
+    explorers: int  # clients exploring in stage 0, the same at every client count
+    rounds: int
+    dataset: str
+    client_cpus: int  # client-resources-num-cpus
+    local_epochs: int
+    explore_epochs: int
+    batch_size: int
+    max_eval_examples: int
+    sample_interval: float
+    timeout: float
+    handshake_max_nodes: int  # the strategy's handshake-max-nodes
+
+    @classmethod
+    def load(cls, profile: str, path: Path = SETTINGS_FILE, **overrides: Any) -> Settings:
+        """A profile (``full`` or ``quick``) of the settings file, with ``overrides`` on top."""
+        return load_profile(cls, path, profile, **overrides)
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(client_counts=(20,), per_round=2, explorers=2, rounds=1, dataset="digits")
+        return cls.load("quick")
 
 
 def resolve_data(dataset: str) -> tuple[str, str, list[str]]:
@@ -137,62 +141,6 @@ def resolve_data(dataset: str) -> tuple[str, str, list[str]]:
 TRAIN_EXAMPLES = {"digits": 1437, "mnist": 10_000, "fashion-mnist": 60_000}
 
 
-# ------------------------------------------------------------------ /proc
-def _read(path: str, mode: str = "r") -> Any:
-    try:
-        with open(path, mode) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    raw = _read(f"/proc/{pid}/stat")
-    if raw is None:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return fields[0], int(fields[1])
-
-
-def _cpu(pid: int) -> tuple[int, float] | None:
-    """(start time in ticks, user + system CPU seconds) of a process."""
-    raw = _read(f"/proc/{pid}/stat")
-    if raw is None:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return int(fields[19]), (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _environ_markers(pid: int, names: tuple[str, ...]) -> dict[str, str]:
-    raw = _read(f"/proc/{pid}/environ", "rb")
-    if not raw:
-        return {}
-    found = {}
-    for item in raw.split(b"\0"):
-        for name in names:
-            if item.startswith(name.encode() + b"="):
-                found[name] = item[len(name) + 1:].decode(errors="replace")
-    return found
-
-
-def _memory(pid: int) -> tuple[int, int] | None:
-    """(RSS, PSS) in bytes; PSS falls back to RSS where smaps_rollup is unreadable."""
-    statm = _read(f"/proc/{pid}/statm")
-    if statm is None:
-        return None
-    rss = int(statm.split()[1]) * PAGE
-    pss = rss
-    rollup = _read(f"/proc/{pid}/smaps_rollup")
-    if rollup:
-        m = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
-        if m:
-            pss = int(m.group(1)) * 1024
-    return rss, pss
-
-
 HANDSHAKE_LINES = ("Partition handshake:", "No node has answered yet")  # the strategy's log lines (nodes.py)
 
 
@@ -207,345 +155,6 @@ def handshake_seconds(lines: Iterator[str]) -> float:
         if m := re.search(r"Partition handshake: \d+ of \d+ nodes answered in ([0-9.]+) s", line):
             total += float(m.group(1))
     return total
-
-
-SIM_KIND = "simulation (ServerApp + engine)"
-ACTOR_KIND = "ray ClientApp actors"
-
-
-def process_kind(cmdline: list[str]) -> str:
-    """Group a simulation process by role (for the per-kind peaks)."""
-    text = " ".join(cmdline[:4])
-    first = cmdline[0] if cmdline else ""
-    if "flower-superlink" in text:
-        return "superlink"
-    if "flower-superexec" in text:
-        return "superexec"
-    if "flwr-simulation" in text:
-        return SIM_KIND
-    if "flwr-serverapp" in text:
-        return "serverapp"
-    if re.search(r"(^|/)flwr( |$)", text):
-        return "flwr CLI"
-    if first.startswith("ray::ClientAppActor") or first.startswith("ray::IDLE") or "default_worker.py" in text:
-        return ACTOR_KIND
-    if first.startswith("ray::") or "/ray/" in text or "ray start" in text or "ray.util.client" in text:
-        return "ray system"
-    return "other"
-
-
-@dataclass
-class MemoryPeak:
-    rss: int = 0
-    pss: int = 0
-    processes: int = 0
-    by_kind_rss: dict[str, int] = field(default_factory=dict)
-    by_kind_pss: dict[str, int] = field(default_factory=dict)
-    by_kind_count: dict[str, int] = field(default_factory=dict)
-    samples: int = 0
-    cpu_by_kind: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the run
-    # (s, RSS GiB, PSS GiB, processes, CPU s of the simulation process, CPU s of the ClientApp actors) every second
-    timeline: list[tuple[float, float, float, int, float, float]] = field(default_factory=list)
-
-
-class TreeMemorySampler(threading.Thread):
-    """Peak RSS/PSS of this process's descendants plus the processes carrying given environment markers.
-
-    Markers: the runner's ``AUTOFLIP_RUNNER_MARKER`` value is learnt from any
-    descendant (the SuperLink is a child of this process), so re-parented Ray
-    daemons and actors are found too; ``extra_markers`` adds e.g. a Ray head's.
-    """
-
-    def __init__(self, interval: float = 0.25, extra_markers: Mapping[str, str] | None = None) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.extra = dict(extra_markers or {})
-        self.peak = MemoryPeak()
-        self._stop_event = threading.Event()
-        self._t0 = time.monotonic()
-        self._last_timeline = -1.0
-        self._cpu: dict[tuple[int, int], tuple[str, float, float]] = {}  # (pid, start) -> (kind, first, last)
-        self.markers_seen: set[str] = set()
-
-    def stop(self) -> MemoryPeak:
-        self._stop_event.set()
-        self.join(timeout=10)
-        return self.peak
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.sample()
-            except Exception as exc:  # never let the sampler kill the benchmark
-                print(f"memory sampler: {exc!r}", file=sys.stderr)
-            self._stop_event.wait(self.interval)
-
-    def _members(self) -> set[int]:
-        me = os.getpid()
-        table: dict[int, tuple[str, int]] = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
-                table[int(entry.name)] = st
-        children: dict[int, list[int]] = {}
-        for pid, (_, ppid) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        found: set[int] = set()
-        stack = list(children.get(me, []))
-        while stack:
-            pid = stack.pop()
-            if pid not in found:
-                found.add(pid)
-                stack.extend(children.get(pid, []))
-        for pid in found:
-            value = _environ_markers(pid, (RUNNER_MARKER_VAR,)).get(RUNNER_MARKER_VAR)
-            if value:
-                self.markers_seen.add(value)
-        wanted = {(RUNNER_MARKER_VAR, v) for v in self.markers_seen} | set(self.extra.items())
-        names = tuple({n for n, _ in wanted})
-        if names:
-            for pid in table.keys() - found - {me}:
-                env = _environ_markers(pid, names)
-                if any((n, v) in wanted for n, v in env.items()):
-                    found.add(pid)
-        return {p for p in found if table[p][0] != "Z"}
-
-    def sample(self) -> None:
-        pids = self._members()
-        rss_total = pss_total = 0
-        kinds_rss: dict[str, int] = {}
-        kinds_pss: dict[str, int] = {}
-        kinds_count: dict[str, int] = {}
-        for pid in pids:
-            mem = _memory(pid)
-            if mem is None:
-                continue
-            raw = _read(f"/proc/{pid}/cmdline", "rb") or b""
-            cmd = [c.decode(errors="replace") for c in raw.split(b"\0") if c]
-            kind = process_kind(cmd)
-            if (cpu := _cpu(pid)) is not None:
-                key = (pid, cpu[0])
-                if key in self._cpu:
-                    old_kind, first, _ = self._cpu[key]
-                    kind = old_kind if kind == "other" else kind  # an exiting process loses its cmdline
-                else:  # count from the first sample for processes older than the run
-                    first = cpu[1] if self.peak.samples == 0 else 0.0
-                self._cpu[key] = (kind, first, cpu[1])
-            rss_total += mem[0]
-            pss_total += mem[1]
-            kinds_rss[kind] = kinds_rss.get(kind, 0) + mem[0]
-            kinds_pss[kind] = kinds_pss.get(kind, 0) + mem[1]
-            kinds_count[kind] = kinds_count.get(kind, 0) + 1
-        p = self.peak
-        p.samples += 1
-        if rss_total > p.rss:
-            p.rss, p.processes = rss_total, len(pids)
-        p.pss = max(p.pss, pss_total)
-        for k, v in kinds_rss.items():
-            p.by_kind_rss[k] = max(p.by_kind_rss.get(k, 0), v)
-        for k, v in kinds_pss.items():
-            p.by_kind_pss[k] = max(p.by_kind_pss.get(k, 0), v)
-        for k, v in kinds_count.items():
-            p.by_kind_count[k] = max(p.by_kind_count.get(k, 0), v)
-        cpu_by_kind: dict[str, float] = {}
-        for kind, first, last in self._cpu.values():
-            cpu_by_kind[kind] = cpu_by_kind.get(kind, 0.0) + last - first
-        p.cpu_by_kind = cpu_by_kind
-        now = time.monotonic() - self._t0
-        if now - self._last_timeline >= 1.0:
-            self._last_timeline = now
-            p.timeline.append((round(now, 1), round(rss_total / GIB, 3), round(pss_total / GIB, 3), len(pids),
-                               round(cpu_by_kind.get(SIM_KIND, 0.0), 2), round(cpu_by_kind.get(ACTOR_KIND, 0.0), 2)))
-
-
-# ------------------------------------------------------------------ Ray head
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ray_bin() -> str:
-    here = Path(sys.executable).parent / "ray"
-    return str(here) if here.exists() else (shutil.which("ray") or "ray")
-
-
-class RayHead:
-    """A private single-node Ray cluster (``ray start --head --block``) on loopback.
-
-    Its own ``--temp-dir`` (also ``RAY_TMPDIR``, so the ``ray_current_cluster``
-    file that lets a bare ``ray.init()`` find a cluster is written there, not in
-    ``/tmp/ray`` where other simulations on this machine would pick it up), its
-    own free ports, and an environment marker on every process it starts.
-    :meth:`stop` sends SIGTERM to the blocking ``ray start`` (which stops its
-    daemons), then kills whatever still carries the marker; it never runs
-    ``ray stop``, which kills every Ray process on the machine.
-
-    Ray resolves ``--node-ip-address 127.0.0.1`` to the host's outward IP for its
-    node records, and the GCS listens on all interfaces; clients connect through
-    ``127.0.0.1:<port>`` all the same.
-    """
-
-    def __init__(self, num_cpus: int = 2) -> None:
-        self.num_cpus = num_cpus
-        self.marker = uuid.uuid4().hex
-        self.temp_dir = ""
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        ports = {"--ray-client-server-port": _free_port(), "--dashboard-port": _free_port(),
-                 "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-                 "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port()}
-        return [_ray_bin(), "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
-                "--num-cpus", str(self.num_cpus), "--disable-usage-stats", "--temp-dir", self.temp_dir,
-                "--include-dashboard", "false", *[str(x) for kv in ports.items() for x in kv], "--block"]
-
-    def start(self, timeout: float = 120.0) -> str:
-        # A short path: Ray puts unix sockets under it (107-byte limit).
-        self.temp_dir = tempfile.mkdtemp(prefix="afray-", dir="/tmp")
-        env = dict(os.environ, RAY_TMPDIR=self.temp_dir, RAY_USAGE_STATS_ENABLED="0",
-                   RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", **{HEAD_MARKER_VAR: self.marker})
-        env.pop("RAY_ADDRESS", None)
-        env.pop(RUNNER_MARKER_VAR, None)
-        self.port = _free_port()
-        log = Path(self.temp_dir) / "ray-start.log"
-        with log.open("wb") as f:
-            self.proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stdout=f,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = log.read_text(errors="replace")
-            if "Ray runtime started" in text:
-                return self.address
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.3)
-        tail = log.read_text(errors="replace")[-3000:]
-        self.stop()
-        raise RuntimeError(f"`ray start --head` did not come up:\n{tail}")
-
-    def pids(self) -> list[int]:
-        found = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                pid = int(entry.name)
-                if _environ_markers(pid, (HEAD_MARKER_VAR,)).get(HEAD_MARKER_VAR) == self.marker:
-                    st = _stat(pid)
-                    if st and st[0] != "Z":
-                        found.append(pid)
-        return found
-
-    def session_logs(self) -> Path:
-        return Path(self.temp_dir) / "session_latest" / "logs"
-
-    def stop(self, keep_temp: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=20)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = self.pids()
-            for pid in left:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 5
-            while left and time.monotonic() < deadline:
-                time.sleep(0.2)
-                left = self.pids()
-            if not left:
-                break
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-        if self.temp_dir and not keep_temp:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def __enter__(self) -> RayHead:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def resolve_ray_address(value: str) -> str:
-    """``auto``: the cluster last started with ``ray start`` (its ``ray_current_cluster`` file);
-    anything else is taken as ``HOST:PORT`` (or ``ray://...``).
-
-    Deliberately not Ray's own "auto" fallback, which connects to *any* GCS process
-    it sees, e.g. the private Ray instance of another simulation on this machine.
-    """
-    if value != "auto":
-        return value
-    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
-    path = Path(base or "/tmp") / "ray" / "ray_current_cluster"
-    if not path.is_file():
-        raise SystemExit(f"--ray-address auto: no {path}; start a head with `ray start --head` "
-                         "or pass HOST:PORT")
-    return path.read_text().strip()
-
-
-@contextlib.contextmanager
-def ray_address_env(address: str | None) -> Iterator[None]:
-    """Set ``RAY_ADDRESS`` for the SuperLinks started meanwhile (the runner copies os.environ)."""
-    old = os.environ.get("RAY_ADDRESS")
-    if address:
-        os.environ["RAY_ADDRESS"] = address
-    else:
-        os.environ.pop("RAY_ADDRESS", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old
-
-
-def cluster_jobs(address: str) -> list[dict[str, Any]]:
-    """The cluster's job table (from its GCS): one dict per driver that ever connected.
-
-    Uses ``ray._raylet.GcsClient`` (no dashboard needed); an empty list where it is unavailable.
-    """
-    try:
-        from ray._raylet import GcsClient
-
-        table = GcsClient(address=address).get_all_job_info()
-    except Exception as exc:  # private API: degrade, the worker logs remain as evidence
-        print(f"cannot read the job table of {address}: {exc!r}", file=sys.stderr)
-        return []
-    jobs = []
-    for job_id, info in table.items():
-        jobs.append({"job_id": job_id.hex(), "driver_pid": int(info.driver_pid), "is_dead": bool(info.is_dead),
-                     "start_time_ms": int(info.start_time), "end_time_ms": int(info.end_time),
-                     "entrypoint": str(info.entrypoint)[:300]})
-    return jobs
-
-
-def cluster_evidence(address: str, since_ms: int, session_logs: Path | None = None) -> dict[str, Any]:
-    """Did a Flower simulation run on the cluster at ``address`` after ``since_ms``?
-
-    ``flwr_jobs``: jobs whose driver was ``flwr-simulation``; ``actor_workers``:
-    worker logs of those jobs that name ``ClientAppActor`` (only when the head's
-    log folder is local, i.e. a :class:`RayHead`).
-    """
-    jobs = [j for j in cluster_jobs(address) if j["start_time_ms"] >= since_ms - 5000]
-    flwr = [j for j in jobs if "flwr-simulation" in j["entrypoint"]]
-    actors: list[str] = []
-    if session_logs is not None:
-        for job in flwr:
-            for path in glob.glob(str(session_logs / f"worker-*-{job['job_id']}-*.out")):
-                if ":actor_name:ClientAppActor" in (_read(path) or ""):
-                    actors.append(os.path.basename(path))
-    return {"address": address, "flwr_jobs": flwr, "actor_workers": sorted(actors),
-            "used_cluster": bool(flwr) and (session_logs is None or bool(actors))}
 
 
 # ------------------------------------------------------------------ runs
@@ -776,7 +385,7 @@ def machine_info() -> dict[str, Any]:
         except md.PackageNotFoundError:
             return "n/a"
 
-    mem = _read("/proc/meminfo") or ""
+    mem = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     m = re.search(r"MemTotal:\s+(\d+) kB", mem)
     return {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "mem_gib": int(m.group(1)) / 2**20 if m else None, "python": platform.python_version(),
@@ -851,20 +460,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      help="start a private `ray start --head` cluster on loopback, run on it, stop it")
     args = parser.parse_args(argv)
 
-    s = Settings.quick() if args.quick else Settings()
-    overrides = {k: v for k, v in (("client_counts", tuple(args.clients) if args.clients else None),
-                                   ("rounds", args.rounds), ("dataset", args.dataset),
-                                   ("client_cpus", args.client_cpus), ("timeout", args.timeout),
-                                   ("handshake_max_nodes", args.handshake_max_nodes)) if v is not None}
-    if overrides:
-        s = Settings(**(asdict(s) | overrides))
+    s = Settings.load("quick" if args.quick else "full", client_counts=tuple(args.clients) if args.clients else None,
+                      rounds=args.rounds, dataset=args.dataset, client_cpus=args.client_cpus, timeout=args.timeout,
+                      handshake_max_nodes=args.handshake_max_nodes)
     address = resolve_ray_address(args.ray_address) if args.ray_address else None
     command = "python -m benchmarks.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
     res = run(s, args.out, address, args.ray_head, command.strip())
-    print(res["markdown"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.md").write_text(res["markdown"])
-    (args.out / "scale.json").write_text(json.dumps(res, indent=1, default=str))
+    write_report(args.out, "scale", res)
     return res
 
 

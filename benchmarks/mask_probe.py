@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             start = time.time()
             acc = train_under(m, cfg, data, args.steps, args.batch_size, args.seed)
             density = (sum(int(v.sum()) for v in m.values()) / sum(v.numel() for v in m.values())) if m else 1.0
-            note = ", ".join(f"{n}: {k} of {masks[n].shape[0]} rows empty" for n, k in empty.items()) if m is masks else ""
+            note = (", ".join(f"{n}: {k} of {masks[n].shape[0]} rows empty" for n, k in empty.items())
+                    if m is masks else "")
             rows.append(f"| {name} | {density:.2f} | {acc:.3f} | {note} |")
             print(f"{name}: acc {acc:.3f} ({time.time() - start:.0f}s)", flush=True)
     print(f"\ncentral training, {args.steps} Adam steps of batch {args.batch_size}, masks fixed\n")

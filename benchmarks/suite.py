@@ -23,10 +23,10 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ class Setting:
     per_round: int
     rounds: int
     run_config: dict[str, Any] = field(default_factory=dict)
-    data: str = ""  # "shared:<folder>", "fashion-apt", or "" (embedded)
+    data: str = ""  # "" (embedded), "shared:<folder>" or "system:<absolute folder>" (benchmarks/conf/suite.toml)
     extra_methods: tuple[str, ...] = ()  # run besides CORE_METHODS
 
     @property
@@ -61,18 +61,31 @@ class Setting:
         return [*CORE_METHODS, *self.extra_methods]
 
     def data_dir(self) -> tuple[str, str | None]:
-        """(data-dir, reason it is unavailable or None)."""
+        """(data-dir, reason it is unavailable or None). Reading settings installs nothing: a dataset
+        that must come from the system (``apt-get install dataset-fashion-mnist``) is reported missing."""
         if not self.data:
             return "", None
-        if self.data == "fashion-apt":
-            folder = Path("/usr/share/datasets/fashion-mnist")
-            if not folder.exists() and shutil.which("apt-get") and os.geteuid() == 0:
-                print("installing dataset-fashion-mnist with apt-get ...", flush=True)
-                subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], check=False,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            return str(folder), None if folder.exists() else "apt-get install dataset-fashion-mnist failed"
-        folder = shared_data() / self.data.removeprefix("shared:")
-        return str(folder), None if folder.exists() else f"{folder} is missing"
+        if self.data.startswith("system:"):
+            folder = Path(self.data.removeprefix("system:"))
+            hint = f" (install it, e.g. `apt-get install dataset-{folder.name}`)"
+        else:
+            folder = shared_data() / self.data.removeprefix("shared:")
+            hint = ""
+        return str(folder), None if folder.exists() else f"{folder} is missing{hint}"
+
+
+def load_settings(path: Path) -> dict[str, list[Setting]]:
+    """The named suites of a settings file (``benchmarks/conf/suite.toml``): data, not code."""
+    with path.open("rb") as f:
+        conf = tomllib.load(f)
+    bases = conf.pop("bases", {})
+    composite = conf.pop("paper", [])
+    suites = {name: [Setting(e["name"], e["dataset"], e["num-clients"], e["per-round"], e["rounds"],
+                             {**bases.get(e.get("base", ""), {}), **e.get("run-config", {})}, e.get("data", ""),
+                             tuple(e.get("extra-methods", ()))) for e in entries]
+              for name, entries in conf.items()}
+    suites["paper"] = [s for k in composite for s in suites[k]]
+    return suites
 
 
 PRUNING = {"sparsity": 0.5}
@@ -89,45 +102,14 @@ METHODS: dict[str, dict[str, Any]] = {
     # Both: the floor, and exploration on 10 % of the 256 roles (full exploration costs 0.85x FedAvg's 30 rounds).
     "autoflip-explore0.1-outfloor0.5": {"strategy": "autoflip", "structured-sparsity": 0.2, "explore-fraction": 0.1,
                                         "min-output-density": 0.5, **PRUNING},
+    # At initialisation, unstructured like their papers (docs/hidenseek.md): SSFL-style SNIP (explorers' |g·θ₀| on
+    # one batch each, mask fixed, values transport) and HideNseek (server SynFlow mask, sign supermask, 1-bit signs).
+    "snip": {"strategy": "snip", "structured-sparsity": 0.0, **PRUNING},
+    "hidenseek": {"strategy": "hidenseek", "structured-sparsity": 0.0, **PRUNING},
 }
 CORE_METHODS = ("fedavg", "random", "magnitude", "autoflip-unstructured", "autoflip")
 
-# Chosen for the 2-core CPU budget (about 3 minutes per run): 1 local epoch, Adam 3e-3, one exploration
-# epoch, central evaluation on the first 2000 test images.
-_MNIST_LIKE = {"model": "cnn", "local-epochs": 1, "batch-size": 32, "learning-rate": 0.003, "explore-epochs": 1,
-               "max-eval-examples": 2000}
-SETTINGS: dict[str, list[Setting]] = {
-    "smoke": [Setting("digits-iid-4", "digits", 4, 2, 2,
-                      {"partitioning": "iid", "local-epochs": 1, "explore-epochs": 1})],
-    "digits": [Setting("digits-dirichlet0.3-10", "digits", 10, 5, 20, {"partitioning": "dirichlet"})],
-    "mnist": [
-        # Each round sees at most 10 classes; with Adam 3e-3 FedAvg swung between 0.09 and 0.62 for all 20 rounds;
-        # 1e-3 reaches 0.65-0.82 in rounds 30-40, 3e-4 0.57-0.74 (a FedAvg probe on seed 0, README).
-        Setting("mnist-pathological2-20", "mnist", 20, 5, 40,
-                {**_MNIST_LIKE, "learning-rate": 0.001, "partitioning": "pathological", "classes-per-partition": 2},
-                "shared:mnist"),
-        Setting("mnist-dirichlet0.3-100", "mnist", 100, 10, 20,
-                {**_MNIST_LIKE, "partitioning": "dirichlet", "dirichlet-alpha": 0.3}, "shared:mnist",
-                ("autoflip-explore0.1",)),
-    ],
-    "fashion": [
-        Setting("fashion-pathological2-20", "fashion-mnist", 20, 5, 20,
-                {**_MNIST_LIKE, "partitioning": "pathological", "classes-per-partition": 2}, "fashion-apt"),
-        Setting("fashion-dirichlet0.3-100", "fashion-mnist", 100, 10, 20,
-                {**_MNIST_LIKE, "partitioning": "dirichlet", "dirichlet-alpha": 0.3}, "fashion-apt",
-                ("autoflip-explore0.1",)),
-    ],
-    "cifar10": [Setting("cifar10-dirichlet0.3-20", "cifar10", 20, 5, 30,
-                        {"model": "resnet", "partitioning": "dirichlet", "dirichlet-alpha": 0.3, "local-epochs": 1,
-                         "batch-size": 64, "learning-rate": 0.002, "explore-epochs": 1}, "shared:cifar10-jpeg")],
-    # A speaker holds ~180 windows: 5 local epochs of batch 32 give ~28 Adam steps per round (one epoch gave
-    # ~3, and 20 such rounds never got past predicting the space character).
-    "shakespeare": [Setting("shakespeare-roles", "shakespeare", 256, 10, 30,
-                            {"model": "lstm", "partitioning": "natural", "local-epochs": 5, "batch-size": 32,
-                             "learning-rate": 0.003, "explore-epochs": 3}, "shared:tinyshakespeare",
-                            ("autoflip-explore0.1", "autoflip-outfloor0.5", "autoflip-explore0.1-outfloor0.5"))],
-}
-SETTINGS["paper"] = [s for k in ("mnist", "fashion", "cifar10", "shakespeare") for s in SETTINGS[k]]
+SETTINGS: dict[str, list[Setting]] = load_settings(ROOT / "benchmarks" / "conf" / "suite.toml")
 NOT_RUN = {
     "femnist": "no offline source of FEMNIST on this machine",
     "cifar100": "no offline source of CIFAR-100 on this machine",
@@ -165,7 +147,7 @@ def completed_run(setting: Setting, method: str, seed: int, out: Path) -> Path |
     """The results.json of a completed earlier run of (setting, method, seed), or None.
 
     Raises ValueError when that run does not match the suite's current settings."""
-    from runner.simulation import find_results, load_results
+    from runner.results import find_results, load_results
 
     run_dir = out / "runs" / setting.name / f"{method}-seed{seed}"
     done = sorted(p for p in find_results(run_dir) if load_results(p).get("status") == "completed")
@@ -190,7 +172,7 @@ def cut_off_note(setting: Setting, cut_off: list[dict[str, Any]], out: Path) -> 
 
 def cut_off_runs(setting: Setting, method: str, out: Path) -> list[dict[str, Any]]:
     """The results of (setting, method) runs that did not complete (with at least one round)."""
-    from runner.simulation import find_results, load_results
+    from runner.results import find_results, load_results
 
     found = [load_results(p) for folder in sorted((out / "runs" / setting.name).glob(f"{method}-seed*"))
              for p in find_results(folder)]
@@ -210,7 +192,8 @@ ENGINES = ("simulation", "inprocess")
 def run_one(setting: Setting, method: str, seed: int, out: Path, data_dir: str, engine: str = "simulation",
             threads: int | None = None) -> Path:
     """One run; returns its results.json (reused when already complete, resumed when cut off)."""
-    from runner.simulation import run_simulation, toml_value
+    from runner.runconfig import toml_pairs
+    from runner.simulation import run_simulation
 
     if (done := completed_run(setting, method, seed, out)) is not None:
         return done
@@ -223,7 +206,7 @@ def run_one(setting: Setting, method: str, seed: int, out: Path, data_dir: str, 
         return run_simulation(cfg, setting.num_clients, output_dir=run_dir, timeout=4 * 3600, client_cpus=2)
     # In its own process: its own CUDA context, torch threads and dataset cache; the log beside the run.
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
+    overrides = toml_pairs(cfg)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(run_dir / "log.txt", "a") as log:
         code = subprocess.run([sys.executable, "-m", "runner.inprocess", "--num-nodes", str(setting.num_clients),
@@ -285,7 +268,8 @@ def markdown(rows: list[dict[str, Any]], notes: dict[tuple[str, str], str]) -> s
             "| MB to FedAvg acc | comm vs FedAvg | train FLOPs vs FedAvg | client s vs FedAvg |\n|" + "---|" * 13)
     lines = [head]
     for r in rows:
-        reach = "never" if np.isnan(r["mb_to_fedavg_acc"]) else f"{r['mb_to_fedavg_acc']:.1f} ({r['reached_fedavg_acc']})"
+        reach = ("never" if np.isnan(r["mb_to_fedavg_acc"])
+                 else f"{r['mb_to_fedavg_acc']:.1f} ({r['reached_fedavg_acc']})")
         lines.append(
             f"| {r['setting']} | {r['method']} | {r['seeds']} | {r['final_acc']:.3f} ± {r['final_acc_std']:.3f} "
             f"| {r['last5_acc']:.3f} ± {r['last5_acc_std']:.3f} | {r['best_acc']:.3f} "
@@ -309,7 +293,7 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path,
     curves += [(m, r, "--", f"{m} (cut off)") for m, r in (partial or {}).items() if r]
     for kind in ("round", "mb"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, results, style, label in curves:
+        for _method, results, style, label in curves:
             length = min(len(r["rounds"]) for r in results)
             acc = np.nanmean([_curve(r["rounds"][:length], "accuracy") for r in results], axis=0)
             if kind == "round":

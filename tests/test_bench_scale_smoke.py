@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_scale as B
+from runner.processes import environ_values
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
@@ -67,7 +68,7 @@ def test_sampler_sums_descendants_and_marked_orphans() -> None:
         child.terminate()
         child.wait(timeout=10)
     orphans = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-               if B._environ_markers(p, (B.RUNNER_MARKER_VAR,)).get(B.RUNNER_MARKER_VAR) == marker]
+               if environ_values(p, (B.RUNNER_MARKER_VAR,)).get(B.RUNNER_MARKER_VAR) == marker]
     for pid in orphans:
         os.kill(pid, 15)
     assert marker in sampler.markers_seen
@@ -130,7 +131,7 @@ def test_a_stopped_client_count_is_reported_with_its_reason() -> None:
           "loadavg_after": [2.0] * 3, "handshake": "every node"}
     stopped = {"strategy": "autoflip", "num_clients": 100_000, "failed": "SimulationError: timed out after 3600 s",
                "wall_seconds": 3600.0, "peak_rss_gib": 9.0, "peak_pss_gib": 8.0, "output_tail": ["last line"]}
-    res = {"settings": dataclasses.asdict(B.Settings()), "machine": {"cpus": 2}, "runs": [ok, stopped],
+    res = {"settings": dataclasses.asdict(B.Settings.load("full")), "machine": {"cpus": 2}, "runs": [ok, stopped],
            "skipped": [200_000], "notes": []}
     text = B.markdown(res)
     assert "| 1000 |" in text and "| every node (0.0) |" in text

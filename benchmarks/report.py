@@ -1,0 +1,19 @@
+"""Where a benchmark's results go: ``<stem>.md`` (the tables) and ``<stem>.json`` (every raw number)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_report(out: Path, stem: str, results: dict[str, Any], default: Callable[[Any], Any] = str) -> None:
+    """Print the Markdown and write both files, each atomically (a stopped run leaves the old ones whole)."""
+    print(results["markdown"])
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", results["markdown"]), (".json", json.dumps(results, indent=1, default=default))):
+        tmp = out / f".{stem}{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{stem}{suffix}")
