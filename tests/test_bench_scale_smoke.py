@@ -124,8 +124,9 @@ def test_quick_benchmark_on_external_ray_cluster(ray_head: B.RayHead, tmp_path: 
 
 def test_a_stopped_client_count_is_reported_with_its_reason() -> None:
     """The table names what stopped a count (and the counts not run after it) instead of numbers."""
-    ok = {"strategy": "autoflip", "num_clients": 1000, "examples_per_client": 10.0, "explorers": 10, "handshake_seconds": 0.0,
-          "explore_fraction": 0.01, "sampled_per_round": [10], "fraction_train": 0.01, "peak_rss_gib": 3.0,
+    ok = {"strategy": "autoflip", "num_clients": 1000, "examples_per_client": 10.0, "explorers": 10,
+          "handshake_seconds": 0.0, "explore_fraction": 0.01, "sampled_per_round": [10], "fraction_train": 0.01,
+          "peak_rss_gib": 3.0,
           "peak_pss_gib": 2.5, "peak_rss_gib_by_kind": {}, "cpu_seconds_by_kind": {}, "train_seconds": [5.0],
           "train_seconds_mean": 5.0, "stage0_seconds": 30.0, "wall_seconds": 90.0, "loadavg_before": [2.0] * 3,
           "loadavg_after": [2.0] * 3, "handshake": "every node"}
