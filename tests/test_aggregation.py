@@ -95,3 +95,61 @@ def test_train_seconds_bounds():
     with pytest.raises(RejectedReply, match="outside"):
         train_seconds(MetricRecord({P.TRAIN_SECONDS: MAX_TRAIN_SECONDS * 1.01}))
     assert bounded_metric(MetricRecord({"x": -2.0}), "x", -3.0, 0.0) == -2.0
+
+
+def explore_reply(structure, precision="float32", **metrics):
+    from autoflip_strategy.codec import encode_guidance
+
+    matrix = {n: torch.rand(structure.shapes[n]) for n in structure.prunable}
+    values = {P.NUM_EXAMPLES: 12, P.EPOCHS_RUN: 2, P.TRAIN_LOSS: 0.1, P.TRAIN_SECONDS: 3.0, **metrics}
+    return matrix, RecordDict({P.GUIDANCE: encode_guidance(matrix, precision), P.METRICS: MetricRecord(values)})
+
+
+def test_exploration_replies_are_validated_next_to_training_replies(layout):
+    from autoflip_strategy.aggregation import validate_explore_reply
+
+    s = layout[0].structure
+    matrix, content = explore_reply(s)
+    got = validate_explore_reply(content, s, "float32", max_examples=100, max_bytes=2**30, max_epochs=3)
+    assert (got.num_examples, got.epochs, got.seconds) == (12, 2, 3.0)
+    assert all(torch.equal(got.matrix[n], matrix[n]) for n in s.prunable)
+    for bad, reason in [({P.EPOCHS_RUN: 4}, "epochs_run=4"), ({P.NUM_EXAMPLES: 0}, "num-examples"),
+                        ({P.TRAIN_SECONDS: -1.0}, "train_seconds")]:
+        with pytest.raises(RejectedReply, match=reason):
+            validate_explore_reply(explore_reply(s, **bad)[1], s, "float32", 100, 2**30, 3)
+    with pytest.raises(RejectedReply, match="guidance payload"):  # the codec's error, as a rejection
+        validate_explore_reply(content, s, "float16", 100, 2**30, 3)
+    with pytest.raises(RejectedReply, match="'guidance' and 'metrics'"):
+        validate_explore_reply(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1})}), s, "float32", 100,
+                               2**30, 3)
+
+
+def test_evaluation_replies_keep_the_users_metrics_under_their_key():
+    from autoflip_strategy.aggregation import normalised_reply, validate_eval_reply
+
+    content = RecordDict({"m": MetricRecord({"n": 7, "eval_acc": 0.5})})
+    _, metrics = normalised_reply(content, "n")  # FedAvg's weighted_by_key "n", under any record key
+    assert metrics[P.NUM_EXAMPLES] == 7
+    assert dict(validate_eval_reply(content, "n", 100)) == {"n": 7, "eval_acc": 0.5}
+    with pytest.raises(RejectedReply, match="eval_acc"):
+        validate_eval_reply(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 7, "eval_acc": float("nan")})}),
+                            P.NUM_EXAMPLES, 100)
+    with pytest.raises(RejectedReply, match="one MetricRecord"):
+        validate_eval_reply(RecordDict(), P.NUM_EXAMPLES, 100)
+
+
+def test_one_streaming_average_serves_exploration_and_training():
+    """Hundreds of explorers: the stream holds one accumulator per tensor, and equals the list-based mean."""
+    from autoflip_strategy.guidance import weighted_mean
+
+    gen = torch.Generator().manual_seed(0)
+    matrices = [{"w": torch.rand(3, 4, generator=gen), "v": torch.rand(5, generator=gen)} for _ in range(300)]
+    weights = [float(i % 7 + 1) for i in range(300)]
+    stream = WeightedAverage()
+    for m, w in zip(matrices, weights):
+        stream.add(m, w)
+    assert stream.count == 300 and len(stream._sum) == 2
+    expected = {n: sum(m[n].double() * w for m, w in zip(matrices, weights)) / sum(weights) for n in ("w", "v")}
+    for name, got in stream.result().items():
+        assert torch.allclose(got, expected[name].float(), atol=1e-6)
+        assert torch.equal(got, weighted_mean(matrices, weights)[name])

@@ -59,3 +59,24 @@ def test_a_checkpoint_that_is_not_a_dict_is_refused(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="list.pt holds a list"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+def test_strategy_state_round_trips_and_refuses_other_settings_or_shapes(tmp_path):
+    from autoflip_strategy.checkpoint import StrategyState, restore_strategy_state
+    from autoflip_strategy.config import AutoFLIPConfig
+    from autoflip_strategy.masks import HybridMask
+
+    config = AutoFLIPConfig(sparsity=0.6)
+    mask = HybridMask({"g": torch.tensor([True, False])}, {"w": torch.tensor([[True, False], [False, False]])})
+    saved = StrategyState(4, config, {"w": torch.ones(2, 2)}, mask, 3, None, [{"round": 4}])
+    save_checkpoint(tmp_path / "s.pt", saved.payload())
+    back = restore_strategy_state(load_checkpoint(tmp_path / "s.pt"), AutoFLIPConfig(sparsity=0.6, round_timeout=5.0),
+                                  {"w": (2, 2)})  # a timeout may change on resume
+    assert (back.round, back.mask_version, back.scores, back.history) == (4, 3, None, [{"round": 4}])
+    assert back.mask.equals(mask) and torch.equal(back.state["w"], torch.ones(2, 2))
+    with pytest.raises(CheckpointError) as err:
+        restore_strategy_state(saved.payload(), AutoFLIPConfig(sparsity=0.5), {"w": (2, 3), "b": (2,)})
+    assert all(s in str(err.value) for s in ("sparsity: 0.6 -> 0.5", "tensor b: not in the checkpoint",
+                                             "tensor w: shape (2, 2) -> (2, 3)"))
+    with pytest.raises(CheckpointError, match="not written by this strategy"):
+        restore_strategy_state({"round": 1}, config, {"w": (2, 2)})
