@@ -1,7 +1,8 @@
 """The transport codec: what goes on the wire, and strict checks on what comes off it.
 
 Both ends derive a :class:`~.geometry.Layout` from the model structure and the
-hybrid mask (:mod:`.geometry`); this module only encodes and decodes in it. ``sparse`` transport (the default) sends, per prunable weight, only the
+hybrid mask (:mod:`.geometry`); this module only encodes and decodes in it.
+``sparse`` transport (the default) sends, per prunable weight, only the
 kept values of the compact tensor (removed units are absent, not zero), other
 tensors as compact dense arrays, and the mask as ``numpy.packbits`` bitmaps
 only when the receiver does not have it yet. ``dense`` transport sends
