@@ -5,21 +5,21 @@ Flower's strategy wrappers (e.g. ``DifferentialPrivacyServerSideFixedClipping``)
 drive it like FedAvg. One round, as the hooks see it:
 
 1. :meth:`configure_train` takes the global ``arrays`` it is given as the
-   model (round 1: θ₀, and before it the exploration stage, AutoFLIP only),
-   recomputes the hybrid mask (guidance for AutoFLIP, |θ| for the magnitude
-   baseline, fixed random scores for the random baseline; nothing for FedAvg),
+   model (round 1: θ₀, and before it the exploration stage, for methods that
+   explore), recomputes the hybrid mask from the method's scores
+   (:mod:`.scoring`: one object per method; never a branch on its name),
    zeroes pruned coordinates in ``arrays`` itself (so a wrapper that keeps a
    reference sees the pruned model), samples clients (seeded, by partition
    id, so every method sees the same clients) and sends each the compact
    model, plus the packed mask to those that do not have this mask version.
 2. :meth:`aggregate_train` validates every raw reply (any error in one reply
    rejects that reply only), averages the accepted ones (weighted by
-   examples), re-applies the mask and refreshes the guidance. A round in which
+   examples), re-applies the mask and lets the method refresh its scores. A round in which
    no sampled client's reply was accepted is a failed round; after
    ``max-failed-rounds`` of them in a row the run raises :class:`RunFailed`.
 3. :meth:`configure_evaluate` / :meth:`aggregate_evaluate` do the same for
-   client-side evaluation (``fraction-evaluate`` > 0); then one record is
-   appended to :attr:`history` with realised and analytic bytes and FLOPs
+   client-side evaluation (``fraction-evaluate`` > 0); then the round's
+   :class:`~.rounds.RoundRecord` is closed into :attr:`history` with realised and analytic bytes and FLOPs
    (after the central ``evaluate_fn`` when :meth:`start` was given one), the
    checkpoint is written and ``on_round`` is called.
 
@@ -259,7 +259,8 @@ class AutoFLIP(Strategy):
             "rounds %d", c.strategy, c.sparsity if prunes else 0.0, c.structured_sparsity if prunes else 0.0,
             c.transport, c.value_precision, c.max_failed_rounds)
         log(INFO, "\t├──> Units: %s", ", ".join(f"{g.name}[{g.size}]" for g in self.structure.groups))
-        log(INFO, "\t└──> Prunable weights: %d in %d tensors", self.structure.num_prunable, len(self.structure.prunable))
+        log(INFO, "\t└──> Prunable weights: %d in %d tensors", self.structure.num_prunable,
+            len(self.structure.prunable))
 
     def global_arrays(self) -> ArrayRecord:
         """The current global model (global layout, pruned coordinates zero)."""
@@ -330,7 +331,8 @@ class AutoFLIP(Strategy):
             average.add(result.state, result.num_examples)
             stats.add(delta, result.num_examples)
             epochs = metrics.get(P.EPOCHS_RUN, fallback_epochs)
-            examples.append((result.num_examples, epochs if isinstance(epochs, int) and epochs > 0 else fallback_epochs))
+            examples.append((result.num_examples,
+                             epochs if isinstance(epochs, int) and epochs > 0 else fallback_epochs))
             accepted.append(result.num_examples)
             contents.append(RecordDict({P.METRICS: MetricRecord(
                 {k: v for k, v in metrics.items() if k not in hidden})}))
@@ -505,7 +507,8 @@ class AutoFLIP(Strategy):
             if reply.metadata.src_node_id == node:  # not the SuperLink reporting the node offline
                 self.nodes.seen(node)
             if reply.has_error():
-                self._round.note_failure("dropped", node, self.partitions.get(node, -1), f"client error: {reply.error.reason}")
+                self._round.note_failure("dropped", node, self.partitions.get(node, -1),
+                                         f"client error: {reply.error.reason}")
             else:
                 ok.append(reply)
         for msg in sent:
