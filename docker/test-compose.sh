@@ -329,11 +329,11 @@ log "E2E OK unregistered SuperNode refused: exit $INTRUDER_RC, '$(grep -m1 -o 'c
 
 # -------------------------------------------------------- capped-client timing
 if [ "$TIMING_ROUNDS" -gt 0 ]; then
-    # One client (fraction-train 0.34 of 3) trains per round, on an iid partition,
+    # One client (fraction-train 0.34 of 3, min-train-nodes 1) trains per round, on an iid partition,
     # so each round's client time is one capped client's local training.
     # Exploration (before round 1) is shortened to one client and one epoch: it is
     # not what is timed.
-    COMMON="num-server-rounds=$TIMING_ROUNDS fraction-train=0.34 partitioning='iid' local-epochs=2"
+    COMMON="num-server-rounds=$TIMING_ROUNDS fraction-train=0.34 min-train-nodes=1 partitioning='iid' local-epochs=2"
     COMMON="$COMMON explore-fraction=0.34 explore-epochs=1"
     declare -A TIMING
     for spec in "fedavg|strategy='fedavg'" \
