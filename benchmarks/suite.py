@@ -97,7 +97,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "autoflip": {"strategy": "autoflip", "structured-sparsity": 0.2, **PRUNING},
     # With 100 clients, exploring on all of them costs as much traffic as 10 FedAvg rounds.
     "autoflip-explore0.1": {"strategy": "autoflip", "structured-sparsity": 0.2, "explore-fraction": 0.1, **PRUNING},
-    # The guidance ranking empties classifier rows of the Shakespeare LSTM (README): keep half of each row.
+    # The guidance ranking empties classifier rows of the Shakespeare LSTM (docs/evidence.md): keep half of each row.
     "autoflip-outfloor0.5": {"strategy": "autoflip", "structured-sparsity": 0.2, "min-output-density": 0.5, **PRUNING},
     # Both: the floor, and exploration on 10 % of the 256 roles (full exploration costs 0.85x FedAvg's 30 rounds).
     "autoflip-explore0.1-outfloor0.5": {"strategy": "autoflip", "structured-sparsity": 0.2, "explore-fraction": 0.1,
