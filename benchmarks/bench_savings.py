@@ -58,7 +58,6 @@ One run prints five Markdown tables and writes them, with every raw number, to
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -68,7 +67,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import write_report
+from benchmarks.report import benchmark_parser, write_report
 from benchmarks.savings import (
     bytes_per_round,
     codec_speed,
@@ -132,9 +131,8 @@ def run(settings: Settings, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_savings", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (smoke test)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for savings.md and savings.json")
+    parser = benchmark_parser("benchmarks.bench_savings", __doc__, "tiny sizes and one repetition (smoke test)",
+                              RESULTS_DIR, "savings")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every measurement")
     parser.add_argument("--examples", type=int, help="examples per local epoch (default 600)")
     parser.add_argument("--batch", type=int, help="batch size of the local epoch (default 32)")

@@ -63,7 +63,6 @@ worker logs of that job name the ``ClientAppActor`` actors.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
@@ -82,7 +81,7 @@ from benchmarks.proc_memory import (  # noqa: F401 - RUNNER_MARKER_VAR, MemoryPe
     ACTOR_KIND, GIB, RUNNER_MARKER_VAR, SIM_KIND, MemoryPeak, TreeMemorySampler, process_kind)
 from benchmarks.ray_cluster import (  # noqa: F401 - cluster_jobs: this benchmark's names
     HEAD_MARKER_VAR, RayHead, cluster_evidence, cluster_jobs, ray_address_env, resolve_ray_address)
-from benchmarks.report import write_report
+from benchmarks.report import benchmark_parser, write_report
 from benchmarks.settings import CONF, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,9 +441,8 @@ def run(s: Settings, out: Path, ray_address: str | None = None, ray_head: bool =
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20 clients (digits), 1 round (smoke test)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for scale.md and scale.json")
+    parser = benchmark_parser("benchmarks.bench_scale", __doc__, "20 clients (digits), 1 round (smoke test)",
+                              RESULTS_DIR, "scale")
     parser.add_argument("--clients", type=int, nargs="+", help="client counts (default 100 500 1000)")
     parser.add_argument("--rounds", type=int, help="training rounds after exploration (default 3)")
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "digits"), help="default mnist")
