@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,8 @@ def benchmark_parser(module: str, doc: str, quick_help: str, out: Path, stem: st
 
 
 def write_report(out: Path, stem: str, results: dict[str, Any], default: Callable[[Any], Any] = str) -> None:
-    """Print the Markdown and write both files, each atomically (a stopped run leaves the old ones whole)."""
+    """Print the Markdown and write both files (written once, at the end of a run)."""
     print(results["markdown"])
     out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", results["markdown"]), (".json", json.dumps(results, indent=1, default=default))):
-        tmp = out / f".{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / f"{stem}{suffix}")
+    (out / f"{stem}.md").write_text(results["markdown"])
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=default))
