@@ -45,6 +45,8 @@ def lingering_app(tmp_path: Path) -> Path:
                                                            'serverapp = "lingering_server:app"')
     assert "lingering_server:app" in text
     (app / "pyproject.toml").write_text(text)
+    for package in ("server_app", "client_app", "autoflip_task"):  # `flwr run` imports the components from the app
+        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
     yield app
     shutil.rmtree(app, ignore_errors=True)
 
