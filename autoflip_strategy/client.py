@@ -51,12 +51,16 @@ from .codec import decode_layout, decode_state, encode_guidance, encode_update
 from .compact import compact_model
 from .enforce import enforce_mask
 from .guidance import local_guidance
+from .saliency import first_gradients, snip_scores
+from .signs import encode_signs, kept_signs, signs_state
+from .supermask import sign_training
 from .geometry import Layout
 from .masks import dense_mask
 from .structure import prunable_weights, structure_from_json
 
 _STATE_KEY = "autoflip"  # context.state: ConfigRecord with version + structure, ArrayRecord with the mask
 EPOCHS_KEY = "local-epochs"  # read from the message config, else the run config (Flower's templates)
+_MAGNITUDES = "autoflip.magnitudes"  # context.state: HideNseek's first values payload (|θ₀| kept) and its version
 _FEEDBACK_KEY = "autoflip.feedback"  # context.state: int8 residuals (ArrayRecord) and what they belong to (".of")
 
 
@@ -203,13 +207,20 @@ class AutoFLIPClient:
         """Train from θ₀ with early stopping and return (θ_k - θ₀)² per prunable weight."""
         cfg, user = split_config(msg)
         kind = str(cfg.get(P.EXPLORE_KIND, "guidance"))
-        if kind != "guidance":
-            raise ClientProtocolError(f"this client cannot explore for {kind!r} (it returns 'guidance')")
+        if kind not in ("guidance", "snip"):
+            raise ClientProtocolError(f"this client cannot explore for {kind!r} (it returns 'guidance' or 'snip')")
         model = self.model_fn(context)
         theta0 = {k: v.float() for k, v in msg.content[P.MODEL].to_torch_state_dict().items()}
         model.load_state_dict(theta0, strict=False)
         model.to(self.device_for(context))
         torch.manual_seed(client_seed(int(cfg[P.SEED]), 0, context))
+        if kind == "snip":  # |g·θ₀| from the first batch of the user's loop (saliency.py)
+            start = time.perf_counter()
+            grads, n = first_gradients(model, lambda: self.train_fn(model, TrainTask(context, 1, 0, "explore", user)))
+            matrix = snip_scores(theta0, grads, [n_ for n_ in prunable_weights(model) if n_ in theta0])
+            metrics = MetricRecord({P.NUM_EXAMPLES: n, P.EPOCHS_RUN: 1, P.TRAIN_SECONDS: time.perf_counter() - start})
+            return Message(RecordDict({P.GUIDANCE: encode_guidance(matrix, str(cfg[P.PRECISION])),
+                                       P.METRICS: metrics}), reply_to=msg)
         best, stale, epochs, outcome, seconds = float("inf"), 0, 0, None, 0.0
         for epochs in range(1, int(cfg[P.EPOCHS]) + 1):
             start = time.perf_counter()
@@ -237,7 +248,8 @@ class AutoFLIPClient:
         torch.manual_seed(client_seed(int(cfg[P.SEED]), server_round, context))
         epochs = local_epochs(user, context.run_config)
         start = time.perf_counter()
-        with enforce_mask(model, layout.compact_masks):
+        supermask = bool(cfg.get(P.SUPERMASK, False))  # HideNseek: train signs only (supermask.py)
+        with (sign_training if supermask else enforce_mask)(model, layout.compact_masks):
             outcome = self.train_fn(model, TrainTask(context, epochs, server_round, "train", user))
         seconds = time.perf_counter() - start
         state = {n: t for n, t in model.cpu().state_dict().items() if n in layout.structure.shapes}
@@ -246,7 +258,9 @@ class AutoFLIPClient:
                             P.TRAIN_SECONDS: seconds, P.EPOCHS_RUN: epochs,
                             P.MASK_VERSION: int(cfg[P.MASK_VERSION])}, outcome.metrics)
         transport, precision = str(cfg[P.TRANSPORT]), value_precision(cfg)
-        if precision == "int8":  # stochastic rounding, error feedback
+        if supermask:
+            arrays = encode_signs(kept_signs(state, layout), state, layout)
+        elif precision == "int8":  # stochastic rounding, error feedback
             belongs_to = f"{int(cfg[P.MASK_VERSION])}:{transport}:{precision}"
             rng = np.random.default_rng([client_seed(int(cfg[P.SEED]), server_round, context), 8])
             arrays, residual = encode_update(state, layout, transport, precision, rng,
@@ -280,9 +294,24 @@ class AutoFLIPClient:
         if shapes != structure.shapes:
             raise ClientProtocolError("the server's model structure does not match this client's model")
         compact = compact_model(model, layout.kept)
-        compact.load_state_dict(decode_state(msg.content[P.MODEL], layout, transport,
-                                             precision=value_precision(cfg)), strict=False)
+        compact.load_state_dict(self._model_state(msg, context, cfg, layout), strict=False)
         return compact, layout
+
+    def _model_state(self, msg: Message, context: Context, cfg: Mapping[str, Any], layout: Layout) -> dict:
+        """The compact state in the message: values, or (HideNseek) signs times the magnitudes this node
+        keeps from its first delivery of the mask version."""
+        version, transport = int(cfg[P.MASK_VERSION]), str(cfg[P.TRANSPORT])
+        if str(cfg.get(P.MODEL_CODEC, "values")) == "signs":
+            kept = context.state.get(_MAGNITUDES)
+            meta = context.state.get(_MAGNITUDES + ".of")
+            delivered = isinstance(meta, ConfigRecord) and meta.get("version") == version
+            if not (isinstance(kept, ArrayRecord) and delivered):
+                raise ClientProtocolError(f"the magnitudes of mask version {version} were never delivered to this node")
+            return signs_state(msg.content[P.MODEL], decode_state(kept, layout, transport), layout)
+        if cfg.get(P.SUPERMASK):
+            context.state[_MAGNITUDES] = msg.content[P.MODEL]
+            context.state[_MAGNITUDES + ".of"] = ConfigRecord({"version": version})
+        return decode_state(msg.content[P.MODEL], layout, transport, precision=value_precision(cfg))
 
     def _layout(self, msg: Message, context: Context, cfg: Mapping[str, Any], version: int,
                 transport: str) -> Layout:

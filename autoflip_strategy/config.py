@@ -83,8 +83,9 @@ def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, l
 class AutoFLIPConfig:
     """The strategy's settings, each declared once; field ``x_y`` is run-config key ``x-y``."""
 
-    strategy: str = option("autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, or PruneFL-style "
-        "global magnitude pruning.", choices=tuple(METHODS))
+    strategy: str = option("autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, PruneFL-style "
+        "global magnitude pruning, SNIP at initialisation (explorers' |g·θ₀|, fixed) or HideNseek (server-side "
+        "SynFlow mask, sign supermask).", choices=tuple(METHODS))
     sparsity: float = option(0.5, "Fraction of all prunable weights removed (units and single weights together); "
         "final density is 1 - sparsity.", low=0.0, high=1.0, high_open=True)
     structured_sparsity: float = option(0.2, "Fraction of units (filters, neurons, LSTM units) removed from every "
@@ -97,6 +98,8 @@ class AutoFLIPConfig:
     min_output_density: float = option(0.0, "Share of each fixed output's (classifier row's) remaining fan-in that "
         "the unstructured part always keeps, by guidance (0: pure global ranking, which empties rows on "
         "Shakespeare).", low=0.0, high=1.0)
+    synflow_iterations: int = option(100, "HideNseek: SynFlow pruning steps at initialisation (density falls "
+        "exponentially over them; 1: one-shot).", low=1)
     explore_fraction: float = option(1.0, "Fraction of available clients that explore before round 1.",
         low=0.0, high=1.0)
     explore_epochs: int = option(3, "Maximum local epochs of exploration.", low=1)
@@ -142,6 +145,9 @@ class AutoFLIPConfig:
         object.__setattr__(self, "sparsity_initial", resolve_sparsity_initial(self.sparsity, self.sparsity_initial))
         if self.sparsity_ramp_rounds > 0 and self.sparsity_initial > self.sparsity:
             raise ConfigError("sparsity-initial: must not exceed sparsity when a ramp is configured")
+        if METHODS[self.strategy].signs and self.value_precision != "float32":
+            raise ConfigError("value-precision: hidenseek sends sign bits (1 bit per kept weight) and the "
+                              "magnitudes once in float32; use value-precision float32")
 
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> AutoFLIPConfig:

@@ -22,7 +22,7 @@ MASK = "autoflip.mask"  # packed mask, only when the receiver lacks this version
 SETTINGS = "autoflip.config"  # AutoFLIP's own config keys (below), never shown to the user's functions
 PLAIN_HANDLER_HINT = ("autoflip: this handler cannot read AutoFLIP's compressed model; register "
                       "AutoFLIPClient(model_fn, train_fn, evaluate_fn) on the ClientApp instead of your own "
-                      "@app.train()/@app.evaluate() (see README: Adopt AutoFLIP in an existing Flower app)")
+                      "@app.train()/@app.evaluate() (see docs/adopting.md)")
 
 CONFIG = "config"  # Flower's default configrecord_key: the user's config (and "server-round")
 
@@ -41,6 +41,8 @@ EPOCHS = "epochs"
 PATIENCE = "patience"
 PRECISION = "guidance-precision"
 EXPLORE_KIND = "explore-kind"  # what an explorer returns (scoring.Method.explore_kind); absent means "guidance"
+SUPERMASK = "supermask"  # clients train sign scores and reply with sign bits (HideNseek, signs.py); absent: False
+MODEL_CODEC = "model-codec"  # "signs": MODEL holds a sign payload (signs.py); absent: "values" (codec.py)
 VALUE_PRECISION = "value-precision"  # model values on the wire (quantise.py); absent means float32
 CONFIG_KEY = "config-key"  # where the user's config is in this message
 WEIGHT_KEY = "weighted-by-key"  # the metric that carries the example count

@@ -109,13 +109,19 @@ class _FirstStep(Exception):
     """Raised from the optimizer's pre-step hook: the first batch's gradients are captured."""
 
 
-def first_gradients(model: nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """The gradients of ``model``'s parameters at the first optimizer step that ``run`` makes.
+def first_gradients(model: nn.Module, run: Callable[[], object]) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradients of ``model``'s parameters at the first optimizer step that ``run`` makes, and the
+    number of examples they came from (the leading size of the first input ``model`` was called with).
 
     ``run`` (the user's training loop) is interrupted before that step is applied, so the model is
     left as it was. Optimizers that hold none of ``model``'s parameters are ignored."""
     ours = {id(p) for p in model.parameters()}
     captured: dict[str, torch.Tensor] = {}
+    sizes: list[int] = []
+
+    def count(_module: nn.Module, args: tuple) -> None:
+        if not sizes and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            sizes.append(int(args[0].shape[0]))
 
     def before_step(optimizer: torch.optim.Optimizer, *_args, **_kwargs) -> None:
         if captured or not any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
@@ -124,14 +130,15 @@ def first_gradients(model: nn.Module, run: Callable[[], object]) -> dict[str, to
             captured[name] = p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu")
         raise _FirstStep
 
-    handle = register_optimizer_step_pre_hook(before_step)
+    handles = [register_optimizer_step_pre_hook(before_step), model.register_forward_pre_hook(count)]
     try:
         run()
     except _FirstStep:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if not captured:
         raise RuntimeError("the training function made no optimizer step: SNIP scores need the gradients of one "
                            "batch (call optimizer.step() in train_fn)")
-    return captured
+    return captured, sizes[0] if sizes else 1

@@ -36,6 +36,13 @@ What the strategy asks (and when)
 ``request_records(state, layout)``
     Extra per-round payload for every training message (``{record key: ArrayRecord}``), counted in the
     round's bytes down. Default: none.
+``initial_mask(state)``
+    ``(scores, mask)`` computed directly, before the first mask, instead of ranking ``round_scores``
+    once (HideNseek's iterative SynFlow prunes through many masks). Default: ``None``.
+``signs``
+    The model travels as sign bits (:mod:`.signs`): float32 values only on a node's first delivery of
+    a mask version (the magnitudes it keeps), then the global signs down and the clients' signs up,
+    aggregated by a weighted vote; clients train sign scores (:mod:`.supermask`). Default: False.
 
 Adding a method (e.g. ``snip``): subclass :class:`Method`, set the flags, override what differs, add it to
 :data:`METHODS` (the ``strategy`` option's choices are read from it), and, when it explores with a new
@@ -44,6 +51,7 @@ Adding a method (e.g. ``snip``): subclass :class:`Method`, set the flags, overri
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -82,6 +90,7 @@ class Method:
     explore_kind: ClassVar[str] = "guidance"
     fixed: ClassVar[bool] = False
     ramps: ClassVar[bool] = True
+    signs: ClassVar[bool] = False
 
     def __init__(self, context: MethodContext) -> None:
         self.context = context
@@ -103,6 +112,9 @@ class Method:
 
     def request_records(self, state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, ArrayRecord]:
         return {}
+
+    def initial_mask(self, state: Mapping[str, torch.Tensor]) -> tuple[Tensors, HybridMask] | None:
+        return None
 
 
 class FedAvgMethod(Method):
@@ -147,11 +159,49 @@ class RandomMethod(Method):
         return {n: torch.rand(s.shapes[n], generator=gen) for n in s.prunable}
 
 
+class SnipMethod(Method):
+    """SNIP at initialisation, as the SSFL baseline: one global mask from the explorers' mean |g·θ₀| on one
+    batch each (reusing the exploration stage), ranked globally without per-tensor normalisation, fixed."""
+
+    name = "snip"
+    explores = True
+    explore_kind = "snip"
+    fixed = True
+    ramps = False
+
+    def explored(self, mean: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+        if mean is None:
+            return super().explored(None, state)
+        return G.normalise(mean, "none")
+
+
+class HideNseekMethod(Method):
+    """HideNseek: a data-free iterative SynFlow mask of θ₀ on the server, fixed; magnitudes stay |θ₀| and
+    the clients learn the kept weights' signs (weighted vote); non-prunable tensors train in float32."""
+
+    name = "hidenseek"
+    fixed = True
+    ramps = False
+    signs = True
+
+    def initial_mask(self, state: Mapping[str, torch.Tensor]) -> tuple[Tensors, HybridMask]:
+        from .saliency import synflow_mask, synflow_scores
+
+        c, ctx = self.context.config, self.context
+        model = copy.deepcopy(ctx.model)
+        model.load_state_dict(dict(state), strict=False)
+        mask = synflow_mask(model, ctx.structure, ctx.example_input, c.sparsity, c.structured_sparsity,
+                            c.synflow_iterations, c.min_output_density)
+        return synflow_scores(model, ctx.structure, ctx.example_input, mask), mask
+
+
 METHODS: dict[str, type[Method]] = {
     "autoflip": GuidanceMethod,
     "fedavg": FedAvgMethod,
     "random": RandomMethod,
     "magnitude": MagnitudeMethod,
+    "snip": SnipMethod,
+    "hidenseek": HideNseekMethod,
 }
 """Every method by its ``strategy`` option value; the option's choices are these keys."""
 
@@ -171,6 +221,8 @@ def round_mask(method: Method, scores: Tensors | None, state: Mapping[str, torch
     Structured sparsity ramps in proportion to the total; ``previous`` (the mask in force, ``None`` before
     the first) keeps pruned weights pruned unless ``regrowth``."""
     c, structure = method.context.config, method.context.structure
+    if previous is None and (preset := method.initial_mask(state)) is not None:
+        return preset
     scores = method.round_scores(scores, state)
     sparsity = scheduled_sparsity(server_round, c.sparsity_initial, c.sparsity,
                                   c.sparsity_ramp_rounds if method.ramps else 0)

@@ -14,21 +14,27 @@ round 0 and known to both ends, so only the signs travel. Both ways a payload is
 Decoding goes through the codec's strict reader (:func:`.codec._take`: names, dtype, length,
 no pickles, no trailing bytes, optional byte cap) and requires the padding bits to be zero.
 
-Aggregation (:class:`SignVote`) is a weighted majority vote, streamed client by client:
-``s = sign(Σ_k w_k s_k)`` with ties keeping the previous global sign. Why a vote and not the mean
-of the clients' real-valued scores: the scores would cost 32 bits per weight on the uplink,
-which is what HideNseek is built to avoid; a vote needs exactly the bits that travel.
+Aggregation (:func:`vote`) is a weighted majority vote, ``s = sign(Σ_k w_k s_k)`` with ties keeping
+the previous global sign, read off the strategy's streamed weighted mean of the signed weights.
+Why a vote and not the mean of the clients' real-valued scores: the scores would cost 32 bits per
+weight on the uplink, which is what HideNseek is built to avoid; a vote needs exactly the bits
+that travel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
-from .codec import NO_LIMIT, Layout, _array, _check_names, _take, _unpack
+from . import protocol as P
+from .codec import NO_LIMIT, _array, _check_names, _take, _unpack, encode_state
+
+if TYPE_CHECKING:
+    from .codec import Layout
 
 SIGNS = "signs/packed"  # a "/" never occurs in a state-dict name
 Bits = dict[str, torch.Tensor]  # per prunable tensor: bool vector over its kept weights (True = +1)
@@ -68,7 +74,8 @@ def encode_signs(bits: Mapping[str, torch.Tensor], others: Mapping[str, torch.Te
     return ArrayRecord(array_dict=arrays)
 
 
-def decode_signs(record: ArrayRecord, layout: Layout, max_bytes: int | None = None) -> tuple[Bits, dict[str, torch.Tensor]]:
+def decode_signs(record: ArrayRecord, layout: Layout,
+                 max_bytes: int | None = None) -> tuple[Bits, dict[str, torch.Tensor]]:
     """Validate and split a sign payload: (sign bits per prunable tensor, non-prunable compact tensors)."""
     limit = max_bytes if max_bytes is not None else NO_LIMIT
     structure = layout.structure
@@ -93,37 +100,36 @@ def analytic_sign_bytes(layout: Layout) -> int:
     return (sum(layout.kept_counts().values()) + 7) // 8 + 4 * others
 
 
-class SignVote:
-    """Streams clients' sign bits into the weighted vote ``Σ_k w_k s_k`` (float64, one tensor per name)."""
+def signs_state(record: ArrayRecord, magnitudes: Mapping[str, torch.Tensor], layout: Layout,
+                max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """The compact state a sign payload stands for: ``|magnitudes| · s`` for prunable tensors (the
+    receiver's own magnitudes, never the sender's), the payload's floats for the others."""
+    bits, others = decode_signs(record, layout, max_bytes)
+    return {**signed_weights(magnitudes, bits, layout), **others}
 
-    def __init__(self) -> None:
-        self._votes: dict[str, torch.Tensor] = {}
-        self._weight = 0.0
 
-    def add(self, bits: Mapping[str, torch.Tensor], weight: float) -> None:
-        if not weight > 0:
-            raise ValueError(f"vote weight must be positive, got {weight!r}")
-        for name, b in bits.items():
-            s = b.to(torch.float64) * 2 - 1
-            if name not in self._votes:
-                self._votes[name] = torch.zeros_like(s)
-            self._votes[name] += weight * s
-        self._weight += weight
+def signs_as_values(content: RecordDict, magnitudes: Mapping[str, torch.Tensor], layout: Layout, transport: str,
+                    max_bytes: int | None = None) -> RecordDict:
+    """A training reply whose sign payload is replaced by the float32 values it stands for (the server's
+    magnitudes), so the one reply validator checks it; a malformed payload raises :class:`.codec.CodecError`."""
+    record = content.get(P.ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        return content
+    out = RecordDict({k: v for k, v in content.items()})
+    out[P.ARRAYS] = encode_state(signs_state(record, magnitudes, layout, max_bytes), layout, transport)
+    return out
 
-    @property
-    def empty(self) -> bool:
-        return self._weight == 0.0
 
-    def result(self, previous: Mapping[str, torch.Tensor]) -> Bits:
-        """The global sign bits: the weighted majority, a tie keeps ``previous``."""
-        if self.empty:
-            return {n: b.clone() for n, b in previous.items()}
-        return {n: torch.where(v == 0, previous[n], v > 0) for n, v in self._votes.items()}
+def vote(mean: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor],
+         names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The weighted sign vote, from the weighted mean of the clients' signed weights ``|θ₀| · s_k``.
 
-    def agreement(self) -> float:
-        """Mean over kept weights of |Σ w s| / Σ w: 1 when every client sent the same signs."""
-        if self.empty:
-            return 1.0
-        total = sum(v.numel() for v in self._votes.values())
-        return float(sum(v.abs().sum() for v in self._votes.values()) / (self._weight * total)) if total else 1.0
-
+    Every client's value at a coordinate has the same magnitude ``m`` (the server's own, see
+    :func:`signs_state`), so ``mean = m · Σ w_k s_k / Σ w_k`` and ``sign(mean)`` is the weighted
+    majority. The result is ``|previous| · sign(mean)``; where ``mean`` is 0 (a tie: integer example
+    counts make the float64 sum exact) the previous sign stays."""
+    out = {}
+    for name in names:
+        prev, m = previous[name], mean[name]
+        out[name] = torch.where(m == 0, prev, prev.abs() * torch.sign(m)).to(prev.dtype)
+    return out

@@ -59,6 +59,7 @@ from .masks import HybridMask, apply_mask, dense_mask, empty_output_rows
 from .nodes import NodeRegistry, one_reply_per_node, wait_for_nodes
 from .rounds import FailedRounds, RoundRecord, plus
 from .scoring import Method, MethodContext, build_method, round_mask
+from .signs import analytic_sign_bytes, encode_signs, kept_signs, signs_as_values, vote
 from .structure import ModelStructure, structure_to_json
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -309,12 +310,16 @@ class AutoFLIP(Strategy):
         average, stats, contents, accepted, examples = WeightedAverage(), G.UpdateStatistics(), [], [], []
         fallback_epochs = int(self.train_config.get("local-epochs", 1))
         hidden = (set(INTERNAL_METRICS) | {P.NUM_EXAMPLES}) - {self.weighted_by_key}  # not the user's metrics
+        magnitudes = self.layout.to_compact(self.state) if self.method.signs else None
         for reply in self._replies(self._sent.pop("train", []), replies):
             node = reply.metadata.src_node_id
             try:
                 content, metrics = normalised_reply(reply.content, self.weighted_by_key)
                 if isinstance(arrays := content.get(P.ARRAYS), ArrayRecord):
                     rec.bytes_up += record_nbytes(arrays)
+                if magnitudes is not None:  # sign bits up: validated as the values they stand for (signs.py)
+                    content = signs_as_values(content, magnitudes, self.layout, c.transport,
+                                              int(c.max_payload_mb * 2**20))
                 result: TrainReply = validate_train_reply(
                     content, self.layout, self.mask_version, c.transport, c.max_examples,
                     int(c.max_payload_mb * 2**20), c.value_precision)
@@ -325,7 +330,8 @@ class AutoFLIP(Strategy):
                 rec.note_failure("rejected", node, self.partitions.get(node, -1), reason)
                 continue
             self.delivered[node] = self.mask_version
-            rec.analytic_bytes_up += self.layout.analytic_bytes(False, c.value_precision)
+            rec.analytic_bytes_up += analytic_sign_bytes(self.layout) if magnitudes is not None else \
+                self.layout.analytic_bytes(False, c.value_precision)
             rec.client_train_seconds += result.seconds
             rec.replied.append(self.partitions.get(node, -1))
             average.add(result.state, result.num_examples)
@@ -343,7 +349,10 @@ class AutoFLIP(Strategy):
             log(WARNING, "Round %d: %d valid replies, fewer than min-train-replies=%d; the model is unchanged",
                 rec.round, len(accepted), c.min_train_replies)
             return None, None
-        self.state.update(average.result())
+        mean = average.result()
+        if self.method.signs:  # the weighted sign vote; magnitudes stay |θ₀|
+            mean.update(vote(mean, self.state, self.structure.prunable))
+        self.state.update(mean)
         apply_mask(self.state, self.layout.tensor_masks)
         rec.train_flops = plus(rec.train_flops, self._flops.at(self.mask_version, self.layout),
                                sum(n * e for n, e in examples))
@@ -586,7 +595,9 @@ class AutoFLIP(Strategy):
         mask = encode_mask(layout, c.transport) if self.mask_version else None
         hint = plain_handler_hint()
         extra = self.method.request_records(self.state, layout) if message_type == MessageType.TRAIN else {}
-        model_bytes = record_nbytes(arrays) + record_nbytes(hint) + sum(record_nbytes(r) for r in extra.values())
+        model_bytes = record_nbytes(hint) + sum(record_nbytes(r) for r in extra.values())
+        signs = encode_signs(kept_signs(compact := layout.to_compact(self.state), layout), compact, layout) \
+            if self.method.signs else None  # HideNseek: values on a node's first delivery, then signs (signs.py)
         mask_bytes = record_nbytes(mask) if mask else 0
         settings = {P.ROUND: server_round, P.SEED: c.seed, P.TRANSPORT: c.transport,
                     P.VALUE_PRECISION: c.value_precision, P.MASK_VERSION: self.mask_version,
@@ -594,15 +605,18 @@ class AutoFLIP(Strategy):
         messages = []
         for node in nodes:
             needs_mask = self.delivered.get(node) != self.mask_version  # the structure travels with a new version
-            ours = ConfigRecord({**settings, P.STRUCTURE: self._structure_json} if needs_mask else settings)
-            content = RecordDict({self.arrayrecord_key: hint, self.configrecord_key: config, P.MODEL: arrays,
+            model = signs if signs is not None and not needs_mask else arrays
+            codec = {} if signs is None else {P.SUPERMASK: True, P.MODEL_CODEC: "signs" if model is signs else "values"}
+            ours = ConfigRecord({**settings, **codec, **({P.STRUCTURE: self._structure_json} if needs_mask else {})})
+            content = RecordDict({self.arrayrecord_key: hint, self.configrecord_key: config, P.MODEL: model,
                                   P.SETTINGS: ours, **extra})
             if needs_mask and mask is not None:
                 content[P.MASK] = mask
             structure_bytes = len(self._structure_json) if needs_mask else 0
-            self._round.bytes_down += model_bytes + (mask_bytes if needs_mask else 0) + structure_bytes
-            self._round.analytic_bytes_down += layout.analytic_bytes(needs_mask and mask is not None,
-                                                                     c.value_precision)
+            self._round.bytes_down += model_bytes + record_nbytes(model) + (mask_bytes if needs_mask else 0) + \
+                structure_bytes
+            self._round.analytic_bytes_down += analytic_sign_bytes(layout) if model is signs else \
+                layout.analytic_bytes(needs_mask and mask is not None, c.value_precision)
             self._round.masks_sent += int(needs_mask and mask is not None)
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         return messages

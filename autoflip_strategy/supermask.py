@@ -17,15 +17,17 @@ magnitudes are buffers. The user's
 and returns the kept weights' sign bits (the uplink of :mod:`.signs`).
 
 A shared (tied) weight is parametrized under every name it has; torch keeps the shared
-``Parameter`` itself as each parametrization's ``original``, so all names wrap one score tensor. LSTM/GRU weights are parametrized like any other: the RNN
-modules read their weights through ``_flat_weights``, which torch refreshes before each forward
-in recent versions; for older ones a forward pre-hook refreshes it (checked by the tests).
+``Parameter`` itself as each parametrization's ``original``, so all names wrap one score tensor.
+LSTM/GRU weights are parametrized like any other: the RNN modules read their weights through
+``_flat_weights``, which torch refreshes before each forward in recent versions; for older ones a
+forward pre-hook refreshes it (checked by the tests).
 Scores do not persist across rounds: each round they restart from ``±|θ₀|`` under the global signs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -118,3 +120,14 @@ def detach_supermask(model: nn.Module) -> dict[str, torch.Tensor]:
             delattr(module, _HOOK)
             module._init_flat_weights()
     return bits
+
+
+@contextmanager
+def sign_training(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, ``model`` trains sign scores only (:func:`attach_supermask`); on exit the
+    weights are plain ``|θ₀| · sign(score) · keep`` again (:func:`detach_supermask`)."""
+    attach_supermask(model, keep)
+    try:
+        yield
+    finally:
+        detach_supermask(model)

@@ -114,8 +114,8 @@ def test_first_gradients_stop_before_the_first_step():
             nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
 
-    grads = first_gradients(model, train)
-    assert len(seen) == 1 and all(torch.equal(model.state_dict()[k], v) for k, v in theta0.items())
+    grads, examples = first_gradients(model, train)
+    assert examples == 4 and len(seen) == 1 and all(torch.equal(model.state_dict()[k], v) for k, v in theta0.items())
     ref = nn.Linear(3, 2)
     ref.load_state_dict(theta0)
     nn.functional.cross_entropy(ref(batches[0][0]), batches[0][1]).backward()

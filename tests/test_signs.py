@@ -10,8 +10,9 @@ from flwr.app import Array, ArrayRecord
 
 from autoflip_strategy.codec import ARRAY_HEADER_BYTES, CodecError, Layout, record_nbytes
 from autoflip_strategy.masks import compute_hybrid_mask
-from autoflip_strategy.signs import (SIGNS, SignVote, analytic_sign_bytes, decode_signs, encode_signs, kept_signs,
-                                     signed_weights)
+from autoflip_strategy.aggregation import WeightedAverage
+from autoflip_strategy.signs import (SIGNS, analytic_sign_bytes, decode_signs, encode_signs, kept_signs, signed_weights,
+                                     signs_state, vote)
 from autoflip_strategy.structure import discover_structure
 from models_under_test import ALL
 
@@ -28,28 +29,29 @@ def setup(name="cnn", sparsity=0.6, structured=0.25):
     return layout, compact, bits, others
 
 
+def others_of(compact, layout):
+    return {n: t for n, t in compact.items() if n not in layout.structure.prunable}
+
+
 def b(*values):
     return torch.tensor(values, dtype=torch.bool)
 
 
 def test_vote_by_hand():
-    vote = SignVote()
-    vote.add({"w": b(1, 1, 0, 0), "v": b(1)}, 1.0)
-    vote.add({"w": b(0, 1, 0, 1), "v": b(0)}, 2.0)
-    vote.add({"w": b(1, 0, 0, 1), "v": b(0)}, 3.0)
+    """Three clients (weights 1, 2, 3) vote on 4 + 1 signs; the server's magnitudes are 0.5 and 2."""
+    previous = {"w": torch.tensor([-0.5, 0.5, 0.5, -0.5]), "v": torch.tensor([[2.0]])}
+    replies = [({"w": b(1, 1, 0, 0), "v": b(1)}, 1), ({"w": b(0, 1, 0, 1), "v": b(0)}, 2),
+               ({"w": b(1, 0, 0, 1), "v": b(0)}, 3)]
+    average = WeightedAverage()
+    for bits, weight in replies:
+        average.add({n: previous[n].abs() * (bits[n].float() * 2 - 1).reshape(previous[n].shape) for n in bits},
+                    weight)
     # w: (+1-2+3, +1+2-3, -1-2-3, -1+2+3) = (2, 0, -6, 4); v: 1-2-3 = -4
-    previous = {"w": b(0, 1, 1, 0), "v": b(1)}
-    out = vote.result(previous)
-    assert out["w"].tolist() == [True, True, False, True]  # the tie (0) keeps the previous +1
-    assert out["v"].tolist() == [False]
-    assert vote.agreement() == pytest.approx((2 + 0 + 6 + 4 + 4) / (6 * 5))
-    tie = SignVote()
-    tie.add({"w": b(1, 0)}, 2.0)
-    tie.add({"w": b(0, 1)}, 2.0)
-    assert tie.result({"w": b(0, 1)})["w"].tolist() == [False, True]
-    assert SignVote().result(previous)["w"].tolist() == previous["w"].tolist()
-    with pytest.raises(ValueError):
-        vote.add({"w": b(1, 1, 1, 1)}, 0.0)
+    out = vote(average.result(), previous, ["w", "v"])
+    assert out["w"].tolist() == [0.5, 0.5, -0.5, 0.5]  # the tie keeps the previous +; magnitudes stay
+    assert out["v"].tolist() == [[-2.0]]
+    pruned = vote({"w": torch.zeros(4)}, {"w": torch.tensor([0.0, 1.0, -1.0, 0.0])}, ["w"])
+    assert pruned["w"].tolist() == [0.0, 1.0, -1.0, 0.0]
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -64,6 +66,9 @@ def test_signed_weights_keep_magnitudes_and_carry_the_signs():
     layout, compact, bits, _ = setup("cnn")
     signed = signed_weights(compact, bits, layout)
     assert all(torch.equal(kept_signs(signed, layout)[n], bits[n]) for n in bits)
+    # the receiver's magnitudes, whatever the sender's values were
+    state = signs_state(encode_signs(bits, others_of(compact, layout), layout), compact, layout)
+    assert all(torch.equal(state[n], signed[n]) for n in signed)
     for n, keep in layout.compact_masks.items():
         assert torch.equal(signed[n].abs()[keep], compact[n].abs()[keep]) and not signed[n][~keep].any()
 
