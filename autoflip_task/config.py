@@ -51,7 +51,8 @@ ALL_OPTIONS: tuple[Option, ...] = APP_OPTIONS + STRATEGY_OPTIONS
 
 NEUTRAL_KEYS = frozenset({"data-dir", "output-dir", "run-name", "resume", "device", "num-server-rounds",
                           "max-eval-examples"}
-                         | {k.replace("_", "-") for k in getattr(_strategy_config, "RESUME_NEUTRAL", {"round_timeout"})})
+                         | {k.replace("_", "-")
+                            for k in getattr(_strategy_config, "RESUME_NEUTRAL", {"round_timeout"})})
 """Keys that do not change the trained model: where data and results live, where it trains (CUDA and CPU
 differ only in float rounding), how long the run goes on (a resume may extend it), how much of the test
 set is scored, plus the strategy's own resume-neutral settings (timeouts, failure tolerance). A resume

@@ -55,7 +55,8 @@ def check_resumable(out_dir: Path, cfg: dict[str, Any]) -> None:
     Why: the strategy's checkpoint holds only the strategy's settings; a resume with another learning
     rate, local-epochs, partitioning or dataset would otherwise finish "completed" as a run of neither."""
     if not (out_dir / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} (set run-name to the run's folder)")
+        raise FileNotFoundError(f"resume: no checkpoint at {out_dir / 'checkpoint.pt'} "
+                                "(set run-name to the run's folder)")
     try:
         stored = json.loads((out_dir / "results.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -116,7 +117,8 @@ class RunRecord:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = app_config(context.run_config)
-    run_name = cfg["run-name"] or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}-seed{cfg['seed']}-run{context.run_id}"
+    run_name = cfg["run-name"] or (f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['strategy']}-{cfg['dataset']}"
+                                   f"-seed{cfg['seed']}-run{context.run_id}")
     out_dir = Path(cfg["output-dir"]).resolve() / run_name
     check_data_dir(cfg)
     if cfg["resume"]:

@@ -60,7 +60,8 @@ def test_missing_records_and_codec_errors_are_rejected(layout):
     bad = {**compact, "fc1.bias": torch.full_like(compact["fc1.bias"], float("nan"))}
     with pytest.raises(RejectedReply, match="NaN"):
         check(lay, reply(lay, bad))
-    wrong = RecordDict({P.ARRAYS: ArrayRecord({"x": torch.zeros(3)}), P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1, P.MASK_VERSION: 3})})
+    wrong = RecordDict({P.ARRAYS: ArrayRecord({"x": torch.zeros(3)}),
+                        P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1, P.MASK_VERSION: 3})})
     with pytest.raises(RejectedReply, match="unexpected tensors"):
         check(lay, wrong)
 

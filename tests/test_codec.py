@@ -55,7 +55,8 @@ def test_sparse_payload_is_kept_values_only():
     dense = encode_state(compact, Layout.build(s, dense_mask(s)))
     assert record_nbytes(record) < 0.35 * record_nbytes(dense)
     bitmap = record_nbytes(encode_mask(layout))
-    assert bitmap <= (s.num_prunable + sum(g.size for g in s.groups)) / 8 + 128 * len(encode_mask(layout).keys()) + 8 * len(s.prunable)
+    assert bitmap <= ((s.num_prunable + sum(g.size for g in s.groups)) / 8 + 128 * len(encode_mask(layout).keys())
+                      + 8 * len(s.prunable))
 
 
 def _replace(record: ArrayRecord, name: str, array: np.ndarray) -> ArrayRecord:

@@ -419,7 +419,8 @@ def m_npz(rng, arrays, p):
 def m_pickle(rng, arrays, p):
     k = _base_key(rng, arrays, p)
     value = p.record[k].numpy()
-    body = _pick(rng, [_saved(value.astype(object), allow_pickle=True), pickle.dumps(value), pickle.dumps(value.tolist())])
+    body = _pick(rng, [_saved(value.astype(object), allow_pickle=True), pickle.dumps(value),
+                       pickle.dumps(value.tolist())])
     arrays[k] = _with(p.record[k], body)
 
 

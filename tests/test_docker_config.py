@@ -53,7 +53,7 @@ def interpolate(value: str) -> str:
     """Resolve compose variables to their defaults (the environment is ignored)."""
 
     def repl(m: re.Match[str]) -> str:
-        name, op, default, bare = m.group(1), m.group(2), m.group(3), m.group(4)
+        op, default, bare = m.group(2), m.group(3), m.group(4)
         if bare is not None or op is None:
             pytest.fail(f"compose variable without a default: {m.group(0)!r}")
         if op.endswith("?"):

@@ -24,7 +24,8 @@ def tiny_structure():
 
 def test_unstructured_quantile_keeps_the_top_scores_globally():
     s = tiny_structure()
-    scores = {"a.weight": torch.arange(12.0).reshape(3, 4), "b.weight": torch.tensor([[100.0, 0.5, 0.5], [0.5, 0.5, 0.5]])}
+    scores = {"a.weight": torch.arange(12.0).reshape(3, 4),
+              "b.weight": torch.tensor([[100.0, 0.5, 0.5], [0.5, 0.5, 0.5]])}
     mask = compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0)
     assert mask.units["a"].all()
     assert int(mask.weights["a.weight"].sum()) + int(mask.weights["b.weight"].sum()) == 9  # 18 * 0.5
@@ -38,7 +39,8 @@ def test_min_output_density_keeps_fan_in_for_every_classifier_row():
     """The ranking above empties b's second row (an output that no group may remove); the floor refills it."""
     s = tiny_structure()
     assert fixed_output_tensors(s) == ["b.weight"]
-    scores = {"a.weight": torch.arange(12.0).reshape(3, 4), "b.weight": torch.tensor([[100.0, 0.5, 0.5], [0.5, 0.5, 0.5]])}
+    scores = {"a.weight": torch.arange(12.0).reshape(3, 4),
+              "b.weight": torch.tensor([[100.0, 0.5, 0.5], [0.5, 0.5, 0.5]])}
     mask = compute_hybrid_mask(scores, s, sparsity=0.5, structured_sparsity=0.0, min_output_density=0.34)
     # ceil(0.34 * 3) = 2 per row, best scores first (ties: first index)
     assert mask.weights["b.weight"].tolist() == [[True, True, False], [True, True, False]]
@@ -79,7 +81,8 @@ def test_structured_removes_lowest_fan_in_units_and_their_consumers():
     assert not mask.weights["a.weight"][1].any() and not mask.weights["b.weight"][:, 1].any()
     full = tensor_masks(mask, s)
     assert full["a.bias"].tolist() == [True, False, True]
-    state = {"a.weight": torch.ones(3, 4), "a.bias": torch.ones(3), "b.weight": torch.ones(2, 3), "b.bias": torch.ones(2)}
+    state = {"a.weight": torch.ones(3, 4), "a.bias": torch.ones(3), "b.weight": torch.ones(2, 3),
+             "b.bias": torch.ones(2)}
     apply_mask(state, full)
     assert state["a.bias"][1] == 0 and state["b.weight"][:, 1].abs().sum() == 0 and state["b.bias"].sum() == 2
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from autoflip_strategy.client import load_residual
-from autoflip_strategy.codec import SCALES, Layout, decode_state, encode_state, encode_update, record_nbytes
+from autoflip_strategy.codec import (SCALES, CodecError, Layout, decode_state, encode_state, encode_update,
+                                     record_nbytes)
 from autoflip_strategy.masks import apply_mask, compute_hybrid_mask
 from autoflip_strategy.quantise import (BLOCK, CODE_MAX, block_scales, dequantise, num_blocks, quantise,
                                         quantise_with_feedback, value_bits)
@@ -128,7 +129,7 @@ def test_quantised_round_trip_is_close_and_keeps_pruned_coordinates_zero(name, t
         else:
             assert record[n].dtype == "float32" and torch.equal(back[n], t), n  # non-prunable: exact
     # a reply decoded at another precision is refused, never misread
-    with pytest.raises(Exception):
+    with pytest.raises(CodecError):
         decode_state(record, layout, transport, precision="float32")
 
 

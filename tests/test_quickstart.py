@@ -9,7 +9,6 @@ runs go through ``flwr run`` in simulation (runner.simulation).
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from flwr.app import Context, Error, Message, RecordDict
 
 from autoflip_strategy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -142,7 +142,8 @@ def _tamper(kind):
 @pytest.fixture(scope="module")
 def without_partition0():
     """Reference: the same run where partition 0's reply never arrives."""
-    return {t: run(rounds=2, faults=_tamper("silence"), transport=t, max_payload_mb=10.0)[1].arrays.to_torch_state_dict()
+    return {t: run(rounds=2, faults=_tamper("silence"), transport=t,
+                   max_payload_mb=10.0)[1].arrays.to_torch_state_dict()
             for t in ("sparse", "dense")}
 
 
