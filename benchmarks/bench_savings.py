@@ -6,7 +6,9 @@ Run from the repository root::
     python -m benchmarks.bench_savings --quick    # tiny sizes, for the smoke test (< 60 s)
 
 One run prints five Markdown tables and writes them, with every raw number, to
-``benchmarks/results/savings.md`` and ``savings.json`` (``--out`` picks another folder).
+``benchmarks/results/savings.md`` and ``savings.json`` (``--out`` picks another folder). Each
+benchmark is one module of ``benchmarks/savings/``; the settings of both profiles (full and
+``--quick``) are data: ``benchmarks/conf/savings.toml``.
 
 1. **Bytes per round** (CNN 1x28x28 and ResNet 3x32x32): masks from random scores
    (fixed seed), because what is measured is the codec, not the choice of weights.

@@ -7,6 +7,8 @@ Run from the repository root::
     python -m benchmarks.bench_scale --ray-head         # the same, on a private `ray start --head` cluster
     python -m benchmarks.bench_scale --ray-address 127.0.0.1:6379   # on a Ray cluster you started
 
+The settings of both profiles (full and ``--quick``) are data: ``benchmarks/conf/scale.toml``.
+
 Every run is a real Flower simulation through :func:`runner.simulation.run_simulation`
 (its own SuperLink, ``flwr-simulation`` with the ServerApp, Ray with the ClientApp
 actors). All client counts use the same *number* of clients per stage (10 explorers,
