@@ -85,6 +85,8 @@ cleanup() {
         log "stopping the private dockerd (pid $ENGINE_PID)"
         kill "$ENGINE_PID" 2>/dev/null
         for _ in $(seq 60); do kill -0 "$ENGINE_PID" 2>/dev/null || break; sleep 1; done
+        # dockerd leaves its default network namespace bind-mounted in its exec-root
+        umount "$WORK/engine/exec/netns/default" 2>/dev/null
     fi
     log "finished with status $rc after $(($(date +%s) - T0)) s"
     exit "$rc"
