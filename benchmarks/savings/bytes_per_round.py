@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from autoflip_strategy.codec import (ARRAY_HEADER_BYTES, Layout, decode_mask, decode_state, encode_mask, encode_state,
+from autoflip_strategy.codec import (ARRAY_HEADER_BYTES, decode_mask, decode_state, encode_mask, encode_state,
     record_nbytes)
+from autoflip_strategy.geometry import Layout
 from autoflip_strategy.masks import HybridMask, compute_hybrid_mask, dense_mask
 from benchmarks.savings.common import (MODEL_LABELS, Settings, Subject, float_state, fmt, fmt_bytes,
     masked_compact_state, md_table, random_scores, states_equal, subject)

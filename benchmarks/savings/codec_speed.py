@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoflip_strategy.codec import (Layout, decode_mask, decode_state, encode_mask, encode_state, record_nbytes)
+from autoflip_strategy.codec import (decode_mask, decode_state, encode_mask, encode_state, record_nbytes)
+from autoflip_strategy.geometry import Layout
 from autoflip_strategy.masks import compute_hybrid_mask
 from benchmarks.savings.common import (MODEL_LABELS, Settings, fmt, fmt_bytes, masked_compact_state, md_table,
     median_seconds, random_scores, states_equal, subject)

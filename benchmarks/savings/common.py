@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoflip_strategy.codec import Layout
+from autoflip_strategy.geometry import Layout
 from autoflip_strategy.structure import ModelStructure, discover_structure
 from autoflip_task.models import build_model, example_input
 from benchmarks.settings import CONF, load_profile

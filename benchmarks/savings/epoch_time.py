@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoflip_strategy.codec import Layout
+from autoflip_strategy.geometry import Layout
 from autoflip_strategy.compact import compact_model
 from autoflip_strategy.costs import training_flops_per_example
 from autoflip_strategy.enforce import enforce_mask

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoflip_strategy.codec import (ARRAY_HEADER_BYTES, Layout, decode_state, encode_mask, encode_state,
+from autoflip_strategy.codec import (ARRAY_HEADER_BYTES, decode_state, encode_mask, encode_state,
     encode_update, record_nbytes)
+from autoflip_strategy.geometry import Layout
 from autoflip_strategy.masks import HybridMask, compute_hybrid_mask
 from autoflip_strategy.quantise import PRECISIONS, VALUE_BITS
 from benchmarks.savings.bytes_per_round import resnet_arrays
