@@ -14,7 +14,7 @@ benchmark is one module of ``benchmarks/savings/``; the settings of both profile
    (fixed seed), because what is measured is the codec, not the choice of weights.
    Realised bytes are the lengths of the Flower ``Array`` buffers
    (:func:`~autoflip_strategy.codec.record_nbytes`); analytic bytes are
-   :meth:`~autoflip_strategy.codec.Layout.analytic_bytes`. Two deterministic
+   :meth:`~autoflip_strategy.geometry.Layout.analytic_bytes`. Two deterministic
    properties are checked on every row: the sparse uplink is within 2 % of
    ``4 B x kept prunable weights + 4 B x compact non-prunable values + one
    np.save header per array``, and the mask bitmaps cost at most one bit per
