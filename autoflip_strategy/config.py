@@ -4,7 +4,7 @@ Flower hands apps a flat ``{kebab-key: value}`` run config. Every key is
 declared once, as a field of :class:`AutoFLIPConfig` (default, type, range or
 choices, help); :data:`STRATEGY_OPTIONS` is read off those fields, so a bad value
 fails up front with an error that names the key and what it accepts, and
-``pyproject.toml`` and the README table are checked against the same list
+``pyproject.toml`` and the table in docs/configuration.md are checked against the same list
 (``tests/test_config.py``).
 """
 

@@ -192,7 +192,7 @@ def _left_whole(model: nn.Module, structure: ModelStructure) -> dict[str, str]:
         if not own or name in pruned_layers:
             continue
         if isinstance(module, NORM_TYPES):
-            continue  # per-channel scale/shift: removed with their units, otherwise kept (README, Method choices)
+            continue  # per-channel scale/shift: removed with their units, otherwise kept (docs/method.md)
         if isinstance(module, nn.Embedding):
             why = "embedding tables are not pruned"
         else:

@@ -103,7 +103,7 @@ def empty_output_rows(weights: Mapping[str, torch.Tensor], structure: ModelStruc
 
     ``weights``: keep-masks by weight name (``HybridMask.weights``, or a run's ``final_mask.pt``). Such
     an output is left with its bias alone: the global ranking can do this to the rows of frequent
-    classes (README, Shakespeare), which ``min_output_density`` prevents. Weights with none are left out."""
+    classes (docs/evidence.md, Shakespeare), which ``min_output_density`` prevents. Weights with none are left out."""
     out = {}
     for name in fixed_output_tensors(structure):
         keep = weights[name]

@@ -6,7 +6,7 @@ in both directions; the bitmap, structured removal and non-prunable tensors
 bytes, and the ones that least tolerate rounding) are untouched and travel as
 float32.
 
-Design choices (also in the README, "Method choices"):
+Design choices (also in docs/method.md):
 
 * **Blocks.** A tensor's values as they go on the wire (the kept-value vector
   in ``sparse`` transport, the flattened masked tensor in ``dense``) are cut
