@@ -117,9 +117,10 @@ def emit(sink: LineSink | None, line: str) -> None:
 
 
 def progress_printer(verbose: bool) -> Callable[[str], None]:
-    """A ``stream_to`` for command lines: the per-round progress lines, or all of Flower's output."""
+    """A ``stream_to`` for command lines: the model intake's findings and the per-round progress lines,
+    or all of Flower's output."""
     def show(line: str) -> None:
-        if verbose or line.startswith("[") or line.startswith("AutoFLIP run"):
+        if verbose or line.startswith("[") or line.startswith("AutoFLIP run") or "Intake: " in line:
             print(line, flush=True)
 
     return show
