@@ -107,7 +107,7 @@ def intake_model(model: nn.Module, example_input: torch.Tensor, ignored_layers: 
 
 
 def log_report(report: IntakeReport) -> None:
-    """Log the report through Flower's logger: demotions and unpruned layers as warnings."""
+    """Log the report through Flower's logger: demoted unit groups as warnings, the rest as info."""
     from flwr.common.logger import log
 
     lines = report.lines()
