@@ -587,8 +587,8 @@ class AutoFLIP(Strategy):
         """One message per node: shared model arrays and user config, the mask (and the structure) only where
         the node lacks this mask version, plus the method's per-round records on training messages."""
         c, layout = self.config, self.layout
-        arrays = encode_state(layout.to_compact(self.state), layout, c.transport,
-                              c.value_precision)  # a rounded copy: the master stays float32
+        compact = layout.to_compact(self.state)
+        arrays = encode_state(compact, layout, c.transport, c.value_precision)  # a rounded copy: master stays float32
         if message_type == MessageType.TRAIN:  # the guidance refresh measures updates from the rounded copy
             self._sent_model = {} if c.value_precision == "float32" else layout.to_global(
                 decode_state(arrays, layout, c.transport, precision=c.value_precision))
@@ -596,8 +596,9 @@ class AutoFLIP(Strategy):
         hint = plain_handler_hint()
         extra = self.method.request_records(self.state, layout) if message_type == MessageType.TRAIN else {}
         model_bytes = record_nbytes(hint) + sum(record_nbytes(r) for r in extra.values())
-        signs = encode_signs(kept_signs(compact := layout.to_compact(self.state), layout), compact, layout) \
+        signs = encode_signs(kept_signs(compact, layout), compact, layout) \
             if self.method.signs else None  # HideNseek: values on a node's first delivery, then signs (signs.py)
+        sizes = {id(r): record_nbytes(r) for r in (arrays, signs) if r is not None}  # once, not per node
         mask_bytes = record_nbytes(mask) if mask else 0
         settings = {P.ROUND: server_round, P.SEED: c.seed, P.TRANSPORT: c.transport,
                     P.VALUE_PRECISION: c.value_precision, P.MASK_VERSION: self.mask_version,
@@ -613,7 +614,7 @@ class AutoFLIP(Strategy):
             if needs_mask and mask is not None:
                 content[P.MASK] = mask
             structure_bytes = len(self._structure_json) if needs_mask else 0
-            self._round.bytes_down += model_bytes + record_nbytes(model) + (mask_bytes if needs_mask else 0) + \
+            self._round.bytes_down += model_bytes + sizes[id(model)] + (mask_bytes if needs_mask else 0) + \
                 structure_bytes
             self._round.analytic_bytes_down += analytic_sign_bytes(layout) if model is signs else \
                 layout.analytic_bytes(needs_mask and mask is not None, c.value_precision)
