@@ -18,3 +18,22 @@ def lstm():
 
 
 ALL = {"cnn": cnn, "resnet": resnet, "lstm": lstm}
+
+
+def masked_layout(name: str = "cnn", sparsity: float = 0.6, structured: float = 0.25, zero_pruned: bool = True):
+    """(structure, layout, compact state) of a reference model under a random hybrid mask (seed 0).
+
+    With ``zero_pruned`` the state's pruned coordinates are zeroed before it is cut to the compact layout."""
+    from autoflip_strategy.geometry import Layout
+    from autoflip_strategy.masks import apply_mask, compute_hybrid_mask
+    from autoflip_strategy.structure import discover_structure
+
+    torch.manual_seed(0)
+    model, x = ALL[name]()
+    s = discover_structure(model, x)
+    mask = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, sparsity, structured)
+    layout = Layout.build(s, mask)
+    state = {n: t.float() for n, t in model.state_dict().items() if n in s.shapes}
+    if zero_pruned:
+        apply_mask(state, layout.tensor_masks)
+    return s, layout, layout.to_compact(state)

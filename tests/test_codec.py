@@ -20,21 +20,13 @@ from autoflip_strategy.codec import (
     encode_state,
     record_nbytes,
 )
-from autoflip_strategy.masks import apply_mask, compute_hybrid_mask, dense_mask
+from autoflip_strategy.masks import dense_mask
 from autoflip_strategy.quantise import MAX_VALUE_SCALE
-from autoflip_strategy.structure import discover_structure
-from models_under_test import ALL
+from models_under_test import ALL, masked_layout
 
 
 def setup(name="cnn", sparsity=0.6, structured=0.25):
-    torch.manual_seed(0)
-    model, x = ALL[name]()
-    s = discover_structure(model, x)
-    mask = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, sparsity, structured)
-    layout = Layout.build(s, mask)
-    state = {n: t.float() for n, t in model.state_dict().items() if n in s.shapes}
-    apply_mask(state, layout.tensor_masks)
-    return s, layout, layout.to_compact(state)
+    return masked_layout(name, sparsity, structured)
 
 
 @pytest.mark.parametrize("name", list(ALL))

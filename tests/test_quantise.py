@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from autoflip_strategy.client import load_residual
-from autoflip_strategy.codec import (SCALES, CodecError, Layout, decode_state, encode_state, encode_update,
+from autoflip_strategy.codec import (SCALES, CodecError, decode_state, encode_state, encode_update,
                                      record_nbytes)
-from autoflip_strategy.masks import apply_mask, compute_hybrid_mask
+from autoflip_strategy.masks import apply_mask
 from autoflip_strategy.quantise import (BLOCK, CODE_MAX, block_scales, dequantise, num_blocks, quantise,
                                         quantise_with_feedback, value_bits)
-from autoflip_strategy.structure import discover_structure
-from models_under_test import ALL
+from models_under_test import ALL, masked_layout
 
 HEADER = 128  # np.save header of one Flower Array
 
@@ -101,14 +100,8 @@ def test_float32_is_not_quantised_and_bits_follow_the_formula():
 # --- the codec ----------------------------------------------------------------------------------
 
 def setup(name: str, sparsity: float = 0.6, structured: float = 0.25):
-    torch.manual_seed(0)
-    model, x = ALL[name]()
-    s = discover_structure(model, x)
-    mask = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, sparsity, structured)
-    layout = Layout.build(s, mask)
-    state = {n: t.float() for n, t in model.state_dict().items() if n in s.shapes}
-    apply_mask(state, layout.tensor_masks)
-    return layout, layout.to_compact(state)
+    _, layout, compact = masked_layout(name, sparsity, structured)
+    return layout, compact
 
 
 @pytest.mark.parametrize("name", list(ALL))

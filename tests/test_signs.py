@@ -8,22 +8,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from autoflip_strategy.codec import ARRAY_HEADER_BYTES, CodecError, Layout, record_nbytes
-from autoflip_strategy.masks import compute_hybrid_mask
+from autoflip_strategy.codec import ARRAY_HEADER_BYTES, CodecError, record_nbytes
 from autoflip_strategy.aggregation import WeightedAverage
 from autoflip_strategy.signs import (SIGNS, analytic_sign_bytes, decode_signs, encode_signs, kept_signs, signed_weights,
                                      signs_state, vote)
-from autoflip_strategy.structure import discover_structure
-from models_under_test import ALL
+from models_under_test import ALL, masked_layout
 
 
 def setup(name="cnn", sparsity=0.6, structured=0.25):
-    torch.manual_seed(0)
-    model, x = ALL[name]()
-    s = discover_structure(model, x)
-    mask = compute_hybrid_mask({n: torch.rand(s.shapes[n]) for n in s.prunable}, s, sparsity, structured)
-    layout = Layout.build(s, mask)
-    compact = layout.to_compact({n: t.float() for n, t in model.state_dict().items() if n in s.shapes})
+    s, layout, compact = masked_layout(name, sparsity, structured, zero_pruned=False)
     bits = {n: torch.rand(c) < 0.5 for n, c in layout.kept_counts().items()}
     others = {n: t for n, t in compact.items() if n not in s.prunable}
     return layout, compact, bits, others
