@@ -80,6 +80,7 @@ def load_settings(path: Path) -> dict[str, list[Setting]]:
         conf = tomllib.load(f)
     bases = conf.pop("bases", {})
     composite = conf.pop("paper", [])
+    conf.pop("methods", None)
     suites = {name: [Setting(e["name"], e["dataset"], e["num-clients"], e["per-round"], e["rounds"],
                              {**bases.get(e.get("base", ""), {}), **e.get("run-config", {})}, e.get("data", ""),
                              tuple(e.get("extra-methods", ()))) for e in entries]
@@ -88,25 +89,13 @@ def load_settings(path: Path) -> dict[str, list[Setting]]:
     return suites
 
 
-PRUNING = {"sparsity": 0.5}
-METHODS: dict[str, dict[str, Any]] = {
-    "fedavg": {"strategy": "fedavg"},
-    "random": {"strategy": "random", "structured-sparsity": 0.0, **PRUNING},
-    "magnitude": {"strategy": "magnitude", "structured-sparsity": 0.0, **PRUNING},
-    "autoflip-unstructured": {"strategy": "autoflip", "structured-sparsity": 0.0, **PRUNING},
-    "autoflip": {"strategy": "autoflip", "structured-sparsity": 0.2, **PRUNING},
-    # With 100 clients, exploring on all of them costs as much traffic as 10 FedAvg rounds.
-    "autoflip-explore0.1": {"strategy": "autoflip", "structured-sparsity": 0.2, "explore-fraction": 0.1, **PRUNING},
-    # The guidance ranking empties classifier rows of the Shakespeare LSTM (docs/evidence.md): keep half of each row.
-    "autoflip-outfloor0.5": {"strategy": "autoflip", "structured-sparsity": 0.2, "min-output-density": 0.5, **PRUNING},
-    # Both: the floor, and exploration on 10 % of the 256 roles (full exploration costs 0.85x FedAvg's 30 rounds).
-    "autoflip-explore0.1-outfloor0.5": {"strategy": "autoflip", "structured-sparsity": 0.2, "explore-fraction": 0.1,
-                                        "min-output-density": 0.5, **PRUNING},
-    # At initialisation, unstructured like their papers (docs/hidenseek.md): SSFL-style SNIP (explorers' |g·θ₀| on
-    # one batch each, mask fixed, values transport) and HideNseek (server SynFlow mask, sign supermask, 1-bit signs).
-    "snip": {"strategy": "snip", "structured-sparsity": 0.0, **PRUNING},
-    "hidenseek": {"strategy": "hidenseek", "structured-sparsity": 0.0, **PRUNING},
-}
+def load_methods(path: Path) -> dict[str, dict[str, Any]]:
+    """The methods of a settings file (its ``[methods]`` table): run-config overrides per method name."""
+    with path.open("rb") as f:
+        return dict(tomllib.load(f)["methods"])
+
+
+METHODS: dict[str, dict[str, Any]] = load_methods(ROOT / "benchmarks" / "conf" / "suite.toml")
 CORE_METHODS = ("fedavg", "random", "magnitude", "autoflip-unstructured", "autoflip")
 
 SETTINGS: dict[str, list[Setting]] = load_settings(ROOT / "benchmarks" / "conf" / "suite.toml")
