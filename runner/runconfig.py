@@ -64,7 +64,17 @@ def toml_pairs(values: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------ overrides
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse ``"k=v k2='text' k3=true"`` (Flower's ``--run-config`` syntax) into typed values."""
+    """Parse ``"k=v k2='text' k3=true"`` (Flower's ``--run-config`` syntax) into typed values, or, like
+    ``flwr run``, read a ``.toml`` file of such keys (a profile such as ``conf/paper.toml``)."""
+    if text.strip().endswith(".toml") and "=" not in text:
+        path = Path(text.strip()).expanduser()
+        try:
+            with path.open("rb") as f:
+                return tomllib.load(f)
+        except OSError as exc:
+            raise ValueError(f"cannot read run-config file {str(path)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"run-config file {str(path)!r} is not valid TOML: {exc}") from None
     pairs = _PAIR.findall(text)
     leftover = _PAIR.sub("", text).strip()
     if leftover:

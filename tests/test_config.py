@@ -96,3 +96,31 @@ def test_resume_needs_the_run_name_of_the_run_to_continue():
     with pytest.raises(ConfigError, match="resume: needs run-name"):
         app_config({"resume": True})
     assert app_config({"resume": True, "run-name": "r"})["resume"] is True
+
+
+def test_presets_ship_as_run_config_profiles_and_suite_methods():
+    """PRESETS, conf/<name>.toml and the suite's autoflip-<name> method hold the same option values."""
+    import tomllib
+
+    from autoflip_strategy.config import PRESETS, AutoFLIPConfig
+    from benchmarks.suite import METHODS
+
+    for name, values in PRESETS.items():
+        with (ROOT / "conf" / f"{name}.toml").open("rb") as f:
+            assert tomllib.load(f) == values
+        assert METHODS[f"autoflip-{name}"] == values
+        config = AutoFLIPConfig.preset(name, seed=3)
+        assert config.seed == 3 and all(getattr(config, k.replace("-", "_")) == v for k, v in values.items())
+    with pytest.raises(ValueError, match="unknown preset"):
+        AutoFLIPConfig.preset("nope")
+
+
+def test_run_config_profile_files_parse_like_flwr_run(tmp_path):
+    from runner.runconfig import parse_overrides
+
+    assert parse_overrides(str(ROOT / "conf" / "paper.toml"))["sparsity"] == 0.3
+    with pytest.raises(ValueError, match="cannot read run-config file"):
+        parse_overrides(str(tmp_path / "missing.toml"))
+    (tmp_path / "bad.toml").write_text("sparsity = = 1\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        parse_overrides(str(tmp_path / "bad.toml"))
