@@ -45,6 +45,33 @@ class HybridMask:
         )
 
 
+@dataclass(frozen=True)
+class MaskChurn:
+    """How much a mask recomputation changed: prunable weights and units that switched kept <-> pruned."""
+
+    weights: int  # prunable weights whose keep bit differs
+    units: int  # units (all groups together) whose keep bit differs
+    prunable: int  # prunable weights in all
+
+    @property
+    def fraction(self) -> float:
+        """Changed weights as a fraction of all prunable weights."""
+        return self.weights / self.prunable if self.prunable else 0.0
+
+
+def mask_churn(before: HybridMask, after: HybridMask) -> MaskChurn:
+    """What changed from ``before`` (the mask in force) to ``after`` (the one recomputed), in both directions."""
+    if before.units.keys() != after.units.keys() or before.weights.keys() != after.weights.keys():
+        raise ValueError("masks of different models: their unit groups or prunable weights differ")
+    for kind, old, new in (("unit group", before.units, after.units), ("weight", before.weights, after.weights)):
+        for name, keep in old.items():
+            if keep.shape != new[name].shape:
+                raise ValueError(f"{kind} {name}: shape {tuple(keep.shape)} before, {tuple(new[name].shape)} after")
+    weights = sum(int((keep != after.weights[n]).sum()) for n, keep in before.weights.items())
+    units = sum(int((keep != after.units[g]).sum()) for g, keep in before.units.items())
+    return MaskChurn(weights, units, sum(keep.numel() for keep in before.weights.values()))
+
+
 def dense_mask(structure: ModelStructure) -> HybridMask:
     """The mask that keeps everything (FedAvg)."""
     return HybridMask(

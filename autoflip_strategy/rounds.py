@@ -20,10 +20,12 @@ from flwr.common.logger import log
 
 from . import protocol as P
 from .failures import RunFailed, condense, most_common_error, with_hint
+from .masks import MaskChurn
 
 CUMULATIVE = ("bytes_down", "bytes_up", "analytic_bytes_down", "analytic_bytes_up", "train_flops",
               "client_train_seconds")  # each gets a cum_* running total in the closed record
 FAILURE_LISTS = ("dropped", "rejected", "eval_dropped", "eval_rejected")
+CHURN = ("mask_churn_weights", "mask_churn_units", "mask_churn")  # always in the closed record, None or counts
 
 
 def plus(total: int | float | None, per_unit: int | float | None, count: int) -> int | float | None:
@@ -53,6 +55,12 @@ class RoundRecord:
     partition_refused: list[dict[str, Any]] | None = None  # once sampling has asked nodes for partitions
     absent: list[dict[str, Any]] | None = None  # absent nodes (nodes.py), once sampling or replies looked
     empty_output_rows: int | None = None  # classifier rows with no kept input (methods that prune)
+    # Against the mask in force before, when this round recomputed the mask: 0 when it came out the same.
+    # None: no mask recomputed (a fixed mask after its first round, a method that never prunes) or the
+    # first mask (nothing was pruned before it; its cost shows in density instead).
+    mask_churn_weights: int | None = None  # prunable weights that switched kept <-> pruned
+    mask_churn_units: int | None = None  # units that switched kept <-> removed
+    mask_churn: float | None = None  # mask_churn_weights / prunable weights
     failed: bool = False  # no sampled client's reply was accepted
     # working state, never in the closed record
     filing: str = ""  # prefix of the failure lists ("" train/explore, "eval_" client evaluation)
@@ -72,14 +80,18 @@ class RoundRecord:
         log(WARNING, "%s reply from node %d (partition %d): %s", what.replace("_", " "), node, partition, reason)
         getattr(self, what).append({"partition": partition, "node": node, "reason": reason})
 
+    def churned(self, churn: MaskChurn) -> None:
+        """This round's mask recomputation against the mask in force before (masks.mask_churn)."""
+        self.mask_churn_weights, self.mask_churn_units, self.mask_churn = churn.weights, churn.units, churn.fraction
+
     def failures(self, prefix: str = "") -> list[dict[str, Any]]:
         return getattr(self, f"{prefix}dropped") + getattr(self, f"{prefix}rejected")
 
     def metrics(self, density: float, mask_version: int) -> dict[str, float | int]:
         """What AutoFLIP adds to Flower's per-round MetricRecords (and so to the returned Result)."""
         metrics = {"density": density, "mask_version": mask_version, "bytes_down": self.bytes_down,
-                   "bytes_up": self.bytes_up, "train_flops": self.train_flops}
-        return {k: v for k, v in metrics.items() if v is not None}  # FLOPs of an uncountable model: absent
+                   "bytes_up": self.bytes_up, "train_flops": self.train_flops, "mask_churn": self.mask_churn}
+        return {k: v for k, v in metrics.items() if v is not None}  # unknown FLOPs, no recomputed mask: absent
 
     def close(self, previous: Mapping[str, Any], density: float, mask_version: int,
               evaluation: MetricRecord | None) -> dict[str, Any]:
@@ -90,7 +102,7 @@ class RoundRecord:
             "analytic_bytes_down": self.analytic_bytes_down, "analytic_bytes_up": self.analytic_bytes_up,
             "train_flops": self.train_flops, "client_train_seconds": self.client_train_seconds,
             "masks_sent": self.masks_sent, "sampled": self.sampled, "replied": self.replied,
-            **{k: getattr(self, k) for k in FAILURE_LISTS}}
+            **{k: getattr(self, k) for k in FAILURE_LISTS}, **{k: getattr(self, k) for k in CHURN}}
         for key in ("partition_refused", "absent", "empty_output_rows"):
             if getattr(self, key) is not None:
                 record[key] = getattr(self, key)

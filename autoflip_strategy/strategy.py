@@ -55,7 +55,7 @@ from .costs import FlopsByMask
 from .failures import most_common_error, with_hint
 from .geometry import Layout
 from .intake import IntakeReport, intake_model, log_report
-from .masks import HybridMask, apply_mask, dense_mask, empty_output_rows
+from .masks import HybridMask, apply_mask, dense_mask, empty_output_rows, mask_churn
 from .nodes import NodeRegistry, one_reply_per_node, wait_for_nodes
 from .rounds import FailedRounds, RoundRecord, plus
 from .scoring import Method, MethodContext, build_method, round_mask
@@ -284,6 +284,8 @@ class AutoFLIP(Strategy):
             if not (method.fixed and self.mask_version):  # a fixed mask is computed once
                 previous = self.mask if self.mask_version else None
                 self.scores, mask = round_mask(method, self.scores, self.state, previous, r)
+                if previous is not None:  # the first mask has nothing to churn against
+                    self._round.churned(mask_churn(previous, mask))
                 if changed := not mask.equals(self.mask):
                     self.mask, self.mask_version = mask, self.mask_version + 1
                     self.layout = Layout.build(self.structure, mask)

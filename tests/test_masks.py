@@ -6,7 +6,9 @@ from autoflip_strategy.masks import (
     compute_hybrid_mask,
     dense_mask,
     empty_output_rows,
+    HybridMask,
     fixed_output_tensors,
+    mask_churn,
     scheduled_sparsity,
     tensor_masks,
     unit_scores,
@@ -137,3 +139,36 @@ def test_dense_mask_keeps_everything():
     m = dense_mask(s)
     assert m.density() == 1.0 and all(v.all() for v in m.units.values())
     assert m.equals(dense_mask(s)) and not m.equals(None)
+
+
+def test_mask_churn_counts_switches_both_ways_by_hand():
+    """a.weight (3x4, 12 weights) and b.weight (2x3, 6): 18 prunable weights, 3 units in group a."""
+    s = tiny_structure()
+    before = dense_mask(s)
+    # unit 1 removed: a.weight row 1 (4 weights) and b.weight column 1 (2 weights) go; plus a.weight[0, 0]
+    units = {"a": torch.tensor([True, False, True])}
+    a = torch.ones(3, 4, dtype=torch.bool)
+    a[1], a[0, 0] = False, False
+    b = torch.ones(2, 3, dtype=torch.bool)
+    b[:, 1] = False
+    after = HybridMask(units, {"a.weight": a, "b.weight": b})
+    churn = mask_churn(before, after)
+    assert (churn.weights, churn.units, churn.prunable) == (7, 1, 18)
+    assert churn.fraction == pytest.approx(7 / 18)
+    # back again: a regrown weight counts as much as a pruned one
+    a2 = a.clone()
+    a2[0, 0], a2[0, 1] = True, False  # one regrown, one newly pruned: 2 switches
+    units2 = {"a": torch.tensor([True, True, False])}  # unit 1 back, unit 2 removed: 2 unit switches
+    again = mask_churn(after, HybridMask(units2, {"a.weight": a2, "b.weight": b}))
+    assert (again.weights, again.units) == (2, 2)
+    same = mask_churn(after, after)
+    assert (same.weights, same.units, same.fraction) == (0, 0, 0.0)
+
+
+def test_mask_churn_refuses_masks_of_different_models():
+    s = tiny_structure()
+    mask = dense_mask(s)
+    with pytest.raises(ValueError, match="differ"):
+        mask_churn(mask, HybridMask(mask.units, {"a.weight": mask.weights["a.weight"]}))
+    with pytest.raises(ValueError, match="b.weight"):
+        mask_churn(mask, HybridMask(mask.units, {**mask.weights, "b.weight": torch.ones(3, 3, dtype=torch.bool)}))

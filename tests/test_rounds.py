@@ -3,6 +3,7 @@ from flwr.app import MetricRecord
 
 from autoflip_strategy import protocol as P
 from autoflip_strategy.failures import RunFailed
+from autoflip_strategy.masks import MaskChurn
 from autoflip_strategy.rounds import FailedRounds, RoundRecord, plus
 
 
@@ -25,6 +26,22 @@ def test_closed_record_has_the_round_its_outcome_and_running_totals():
     assert closed1["partition_refused"] == [{"node": 9}] and closed1["absent"] == []
     assert not {"filing", "federated", "closed", "started", "train_aggregated"} & set(closed1)
     assert second.closed is closed1 and plus(3, 2, 4) == 11 and plus(None, 2, 4) is None
+
+
+def test_mask_churn_is_none_until_a_recomputation_and_zero_when_it_changed_nothing():
+    untouched = RoundRecord(1, "train")
+    closed = untouched.close({}, 1.0, 0, None)
+    assert (closed["mask_churn_weights"], closed["mask_churn_units"], closed["mask_churn"]) == (None, None, None)
+    assert "mask_churn" not in untouched.metrics(1.0, 0)
+    same = RoundRecord(2, "train")
+    same.churned(MaskChurn(0, 0, 18))
+    assert same.metrics(0.5, 1)["mask_churn"] == 0.0
+    closed = same.close(closed, 0.5, 1, None)
+    assert (closed["mask_churn_weights"], closed["mask_churn_units"], closed["mask_churn"]) == (0, 0, 0.0)
+    moved = RoundRecord(3, "train")
+    moved.churned(MaskChurn(9, 2, 36))
+    closed = moved.close(closed, 0.5, 2, None)
+    assert (closed["mask_churn_weights"], closed["mask_churn_units"], closed["mask_churn"]) == (9, 2, 0.25)
 
 
 def test_failures_are_filed_under_the_stage_that_saw_them():
