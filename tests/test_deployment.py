@@ -14,6 +14,12 @@ still exercises exploration, pruning and training with 3 nodes. Partitioning is
 IID so that one or two rounds reliably reach an accuracy far above chance (the
 runs are deterministic for a given seed; measured 0.79 after 2 rounds, 0.62 after
 1 round with 2 local epochs).
+
+The two federations (plain, and TLS with SuperNode authentication) run at the same
+time, each in its own thread with its own SuperLink, ports, homes and marker (the
+``scenarios`` fixture of ``tests/conftest.py``): most of a deployment run is Flower
+polling every 3 s, so the two overlap well on 2 cores. Each test checks its own
+federation, with the same assertions as when the tests ran one after the other.
 """
 
 from __future__ import annotations
@@ -50,17 +56,29 @@ BASE_CONFIG = {
 PROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc (Linux)")
-needs_tls_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
-                                     reason="docker/generate_certs.sh needs openssl and ssh-keygen")
+TLS_TOOLS = bool(shutil.which("openssl") and shutil.which("ssh-keygen"))
+needs_tls_tools = pytest.mark.skipif(not TLS_TOOLS, reason="docker/generate_certs.sh needs openssl and ssh-keygen")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def bystander():
     """An unrelated process of the test itself: stopping a federation must not touch it."""
-    proc = subprocess.Popen(["sleep", "600"])
+    proc = subprocess.Popen(["sleep", "900"])
     yield proc
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def federations(bystander, scenarios, tmp_path_factory):
+    """Both federations' scenarios, started at once (each test waits for its own)."""
+    root = tmp_path_factory.mktemp("deployment")
+    scenarios.start("insecure", ["test_insecure_federation_runs_autoflip"], _insecure_federation,
+                    root / "insecure", bystander)
+    if TLS_TOOLS:
+        scenarios.start("tls-auth", ["test_tls_auth_federation_runs_autoflip_and_refuses_unknown_node"],
+                        _tls_auth_federation, root / "tls-auth", bystander)
+    return scenarios
 
 
 def _explain(fed: LoopbackFederation) -> str:
@@ -112,7 +130,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_insecure_federation_runs_autoflip(tmp_path, bystander):
+def _insecure_federation(tmp_path: Path, bystander: subprocess.Popen) -> None:
     cfg = {**BASE_CONFIG, "num-server-rounds": 2, "output-dir": str(tmp_path / "out"), "run-name": "dep",
            "value-precision": "int8"}  # issue 14: int8 both ways, error feedback kept across ClientApp processes
     t0 = time.monotonic()
@@ -125,8 +143,7 @@ def test_insecure_federation_runs_autoflip(tmp_path, bystander):
     print(f"insecure federation: run {fed.runs[-1].seconds:.1f} s, total {time.monotonic() - t0:.1f} s")
 
 
-@needs_tls_tools
-def test_tls_auth_federation_runs_autoflip_and_refuses_unknown_node(tmp_path, bystander):
+def _tls_auth_federation(tmp_path: Path, bystander: subprocess.Popen) -> None:
     cfg = {**BASE_CONFIG, "num-server-rounds": 1, "local-epochs": 2, "output-dir": str(tmp_path / "out"),
            "run-name": "dep-tls", "value-precision": "float16"}  # issue 14: float16 both ways
     t0 = time.monotonic()
@@ -148,3 +165,12 @@ def test_tls_auth_federation_runs_autoflip_and_refuses_unknown_node(tmp_path, by
     _check_stopped(fed, bystander)
     print(f"TLS+auth federation: run {fed.runs[-1].seconds:.1f} s, refusal {refused.seconds:.1f} s, "
           f"total {time.monotonic() - t0:.1f} s")
+
+
+def test_insecure_federation_runs_autoflip(federations):
+    federations.result("insecure")
+
+
+@needs_tls_tools
+def test_tls_auth_federation_runs_autoflip_and_refuses_unknown_node(federations):
+    federations.result("tls-auth")
