@@ -12,9 +12,9 @@ cannot be installed; same seed, same run), each run in its own process, and
 ``--jobs`` runs that many at once. A run that was cut off resumes from its
 checkpoint. Each run's ``results.json`` lands under
 ``benchmarks/results/<suite>/runs/``; the suite then writes ``summary.csv``,
-``summary.md`` and two PNG plots per setting (accuracy vs round, accuracy vs
-cumulative MB). Datasets without an offline source here are reported as not
-run, never substituted.
+``summary.md`` (the summary table, then the cost breakdown of ``costs_table``) and
+two PNG plots per setting (accuracy vs round, accuracy vs cumulative MB). Datasets
+without an offline source here are reported as not run, never substituted.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import costs_table as C
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -225,6 +227,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]]) -> list[d
     target = float(np.mean([r["rounds"][-1]["accuracy"] for r in base])) if base else float("nan")
     ref = {k: float(np.mean([r["rounds"][-1][f"cum_{k}"] for r in base])) if base else float("nan")
            for k in ("bytes_down", "bytes_up", "train_flops", "client_train_seconds")}
+    base_per_round = float(np.mean([C.per_round_mb(r["rounds"]) for r in base])) if base else float("nan")
     rows = []
     for method, results in runs.items():
         finals = [r["rounds"][-1]["accuracy"] for r in results]
@@ -247,8 +250,25 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]]) -> list[d
             "comm_vs_fedavg": (mean("bytes_down") + mean("bytes_up")) / (ref["bytes_down"] + ref["bytes_up"]),
             "flops_vs_fedavg": mean("train_flops") / ref["train_flops"],
             "client_seconds_vs_fedavg": mean("client_train_seconds") / ref["client_train_seconds"],
+            **cost_breakdown(results, runs, base_per_round),
         })
     return rows
+
+
+def cost_breakdown(results: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]],
+                   base_per_round: float) -> dict[str, Any]:
+    """The one-off and per-round traffic of one method's runs (mean over seeds), when its cumulative traffic
+    breaks even with FedAvg's and magnitude's (benchmarks/costs_table.py), and its mean mask churn."""
+    rounds = [r["rounds"] for r in results]
+    per_round = float(np.mean([C.per_round_mb(r) for r in rounds]))
+    reference = {m: [r["rounds"] for r in runs[m]] if m in runs else None for m in ("fedavg", "magnitude")}
+    return {
+        "one_off_mb": float(np.mean([C.one_off_mb(r) for r in rounds])), "per_round_mb": per_round,
+        "per_round_vs_fedavg": per_round / base_per_round,
+        "break_even_vs_fedavg": C.break_even_cell(rounds, reference["fedavg"]),
+        "break_even_vs_magnitude": C.break_even_cell(rounds, reference["magnitude"]),
+        "mask_churn": C.mean_churn_over_seeds(rounds),
+    }
 
 
 def markdown(rows: list[dict[str, Any]], notes: dict[tuple[str, str], str]) -> str:
@@ -266,7 +286,21 @@ def markdown(rows: list[dict[str, Any]], notes: dict[tuple[str, str], str]) -> s
             f"| {r['flops_vs_fedavg']:.2f} | {r['client_seconds_vs_fedavg']:.2f} |")
     for (setting, method), why in notes.items():
         lines.append(f"| {setting} | {method} | {why} |" + " |" * 10)
+    if rows:
+        lines += ["", costs_markdown(rows)]
     return "\n".join(lines) + "\n"
+
+
+def costs_markdown(rows: list[dict[str, Any]]) -> str:
+    """The cost breakdown beside the summary table (docs/evidence.md explains the columns)."""
+    lines = [f"| setting | method | last-{LAST_ROUNDS} acc | one-off MB | per-round MB | per-round vs FedAvg "
+             "| break-even vs FedAvg | break-even vs magnitude | mask churn r2+ |\n|" + "---|" * 9]
+    for r in rows:
+        versus = [r[f"break_even_vs_{m}"] if r[f"break_even_vs_{m}"] != "" else "–" for m in ("fedavg", "magnitude")]
+        lines.append(f"| {r['setting']} | {r['method']} | {r['last5_acc']:.3f} | {r['one_off_mb']:.1f} "
+                     f"| {r['per_round_mb']:.2f} | {r['per_round_vs_fedavg']:.2f} | {versus[0]} | {versus[1]} "
+                     f"| {C.churn_text(r['mask_churn'])} |")
+    return "\n".join(lines)
 
 
 def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], out: Path,
