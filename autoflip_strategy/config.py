@@ -113,6 +113,9 @@ class AutoFLIPConfig:
         "feedback); the server keeps float32 weights.", choices=("float32", "float16", "int8"))
     guidance_norm: str = option("mean", "Per-tensor normalisation of guidance before the global ranking.",
         choices=("mean", "max", "none"))
+    guidance_score: str = option("deviation", "What the mask ranks: the (refreshed) guidance itself, the paper's "
+        "deviation, or deviation × |θ| of the current global model, renormalised per tensor.",
+        choices=("deviation", "deviation-magnitude"))
     guidance_decay: float = option(0.8, "Weight of the previous guidance when the round's updates refresh it.",
         low=0.0, high=1.0)
     agreement_weight: float = option(0.5, "How much update-sign agreement across clients scales the refresh (0: "

@@ -134,6 +134,15 @@ class GuidanceMethod(Method):
         c = self.context.config
         return G.refresh(scores, stats, c.guidance_decay, c.agreement_weight, c.guidance_norm)
 
+    def round_scores(self, scores: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+        """The guidance, or (``guidance-score = deviation-magnitude``) guidance × |θ| renormalised per tensor:
+        a weight is kept for moving under the clients' losses *and* for mattering to the output now."""
+        scores = super().round_scores(scores, state)
+        c = self.context.config
+        if c.guidance_score == "deviation":
+            return scores
+        return G.normalise({n: s * state[n].detach().abs().to(s.dtype) for n, s in scores.items()}, c.guidance_norm)
+
 
 class MagnitudeMethod(Method):
     """PruneFL-style global magnitude pruning: |θ| of the current global model, every round."""

@@ -81,3 +81,19 @@ def test_round_mask_ramps_only_methods_that_ramp(model_and_structure):
     assert mask.equals(direct)
     rnd = method(model_and_structure, strategy="random", **ramp)
     assert round_mask(rnd, None, state, None, 1)[1].density() == pytest.approx(0.2, abs=0.01)  # no ramp
+
+
+def test_guidance_score_deviation_magnitude_ranks_guidance_times_current_weights(model_and_structure):
+    _, _, s = model_and_structure
+    state = state_of(model_and_structure)
+    guidance = {n: torch.rand(s.shapes[n]) + 0.1 for n in s.prunable}
+    plain = method(model_and_structure, strategy="autoflip", guidance_norm="max")
+    assert plain.round_scores(guidance, state) is guidance  # the paper's deviation, unchanged
+    both = method(model_and_structure, strategy="autoflip", guidance_norm="max", guidance_score="deviation-magnitude")
+    scored = both.round_scores(guidance, state)
+    for n in s.prunable:
+        product = guidance[n] * state[n].abs()
+        assert torch.allclose(scored[n], product / product.max())  # renormalised per tensor
+    name = s.prunable[0]  # by hand: a weight of zero magnitude scores zero, whatever its deviation
+    zeroed = {**state, name: torch.zeros_like(state[name])}
+    assert float(both.round_scores(guidance, zeroed)[name].abs().max()) == 0.0
