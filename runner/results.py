@@ -107,7 +107,8 @@ def report(path: Path) -> str:
 
 
 def summarise(results: Mapping[str, Any]) -> str:
-    """A few lines: final accuracy and density, total traffic (exploration included)."""
+    """A few lines: final accuracy and density, total traffic (exploration included), and that traffic split
+    into the one-off stage (round 0: exploration or the initial record) and the mean per training round."""
     rounds = list(results.get("rounds", []))
     if not rounds:
         return f"status {results.get('status')}: no rounds recorded"
@@ -118,6 +119,10 @@ def summarise(results: Mapping[str, Any]) -> str:
     acc = f"{accs[-1]:.4f}" if accs else "n/a"
     density = last.get("density")
     dens = f"{density:.4f}" if isinstance(density, (int, float)) else "n/a"
-    return (f"status {results.get('status')} | rounds {sum(r.get('phase') == 'train' for r in rounds)} | "
+    trained = [r for r in rounds if r.get("phase") == "train"]
+    one_off = sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds if r.get("phase") != "train") / 1e6
+    per_round = sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in trained) / 1e6 / max(len(trained), 1)
+    return (f"status {results.get('status')} | rounds {len(trained)} | "
             f"final accuracy {acc} | final density {dens} | "
-            f"total down {down:.3f} MB, up {up:.3f} MB (exploration included)")
+            f"total down {down:.3f} MB, up {up:.3f} MB (exploration included) | "
+            f"one-off {one_off:.3f} MB, per round {per_round:.3f} MB")
