@@ -98,6 +98,9 @@ class AutoFLIPConfig:
     min_output_density: float = option(0.0, "Share of each fixed output's (classifier row's) remaining fan-in that "
         "the unstructured part always keeps, by guidance (0: pure global ranking, which empties rows on "
         "Shakespeare).", low=0.0, high=1.0)
+    layer_budget: str = option("global", "How the unstructured budget is split across tensors: one global ranking, "
+        "the same share of every tensor (uniform), or Erdős–Rényi-kernel shares (erk, as RigL), each ranked "
+        "within itself.", choices=("global", "uniform", "erk"))
     synflow_iterations: int = option(100, "HideNseek: SynFlow pruning steps at initialisation (density falls "
         "exponentially over them; 1: one-shot).", low=1)
     explore_fraction: float = option(1.0, "Fraction of available clients that explore before round 1.",

@@ -159,6 +159,7 @@ def compute_hybrid_mask(
     previous: HybridMask | None = None,
     regrowth: bool = False,
     min_output_density: float = 0.0,
+    layer_budget: str = "global",
 ) -> HybridMask:
     """The global hybrid mask for per-weight ``scores`` (higher = more important).
 
@@ -169,6 +170,9 @@ def compute_hybrid_mask(
     row of a :func:`fixed_output_tensors` weight, that share of its candidates
     (best scores first) before the global ranking fills the rest of the budget;
     when the ranking keeps them anyway the mask is the same as without it.
+    ``layer_budget`` splits the unstructured budget: ``global`` (one ranking across tensors), ``uniform``
+    (every tensor keeps the same share of its candidates) or ``erk`` (Erdős–Rényi-kernel shares, as in
+    RigL: larger for tensors with few weights per fan-in + fan-out), each ranked within itself.
     """
     sticky = previous is not None and not regrowth
     unit_score = unit_scores(scores, structure)
@@ -186,6 +190,12 @@ def compute_hybrid_mask(
     names = list(structure.prunable)
     flat_candidates = torch.cat([candidates[n].reshape(-1) for n in names])
     target = int(round((1.0 - sparsity) * flat_candidates.numel()))
+    if layer_budget != "global" and int(flat_candidates.sum()) > target:
+        quotas = layer_quotas({n: int(candidates[n].sum()) for n in names},
+                              {n: structure.shapes[n] for n in names}, target, layer_budget)
+        fixed = set(fixed_output_tensors(structure)) if min_output_density > 0 else set()
+        return HybridMask(units, {n: _keep_top(candidates[n], scores[n], quotas[n], _reserved_rows(
+            candidates[n], scores[n], min_output_density) if n in fixed else None) for n in names})
     if int(flat_candidates.sum()) > target:
         flat_scores = torch.cat([scores[n].reshape(-1).double() for n in names])
         flat_scores = torch.where(flat_candidates, flat_scores, torch.tensor(-math.inf, dtype=torch.float64))
@@ -207,6 +217,54 @@ def compute_hybrid_mask(
         weights[n] = flat_keep[offset:offset + size].reshape(candidates[n].shape).clone()
         offset += size
     return HybridMask(units, weights)
+
+
+def layer_quotas(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], target: int,
+                 how: str) -> dict[str, int]:
+    """Weights each tensor keeps out of its ``counts`` candidates so that the total is ``target``.
+
+    ``uniform``: the same share everywhere. ``erk``: shares ∝ (Σ dims) / (Π dims) of the tensor's shape,
+    a tensor whose share would exceed 1 keeps all its candidates and the rest is shared again (RigL)."""
+    if how not in ("uniform", "erk"):
+        raise ValueError(f"layer budget must be global, uniform or erk, got {how!r}")
+    total = sum(counts.values())
+    if total <= target:
+        return dict(counts)
+    if how == "uniform":
+        raw = {n: c * target / total for n, c in counts.items()}
+    else:
+        weight = {n: sum(shapes[n]) / math.prod(shapes[n]) for n in counts}
+        full: set[str] = set()
+        while True:
+            left = target - sum(counts[n] for n in full)
+            mass = sum(weight[n] * counts[n] for n in counts if n not in full)
+            eps = left / mass if mass > 0 else 0.0
+            over = {n for n in counts if n not in full and eps * weight[n] > 1.0}
+            if not over:
+                break
+            full |= over
+        raw = {n: float(counts[n]) if n in full else eps * weight[n] * counts[n] for n in counts}
+    quotas = {n: min(counts[n], int(math.floor(v))) for n, v in raw.items()}
+    by_remainder = sorted(counts, key=lambda n: raw[n] - math.floor(raw[n]), reverse=True)
+    for n in by_remainder:  # largest remainders first, until the total is exact
+        if sum(quotas.values()) >= target:
+            break
+        if quotas[n] < counts[n]:
+            quotas[n] += 1
+    return quotas
+
+
+def _keep_top(candidates: torch.Tensor, score: torch.Tensor, quota: int, reserved: torch.Tensor | None) -> torch.Tensor:
+    """Keep-mask of the ``quota`` best-scored candidates of one tensor, ``reserved`` ones first."""
+    flat = candidates.reshape(-1)
+    ranked = torch.where(flat, score.reshape(-1).double(), torch.tensor(-math.inf, dtype=torch.float64))
+    keep = torch.zeros_like(flat)
+    if reserved is not None:
+        keep |= reserved.reshape(-1) & flat
+        ranked = torch.where(keep, torch.tensor(-math.inf, dtype=torch.float64), ranked)
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    keep[order[:max(quota - int(keep.sum()), 0)]] = True
+    return (keep & flat).reshape(candidates.shape)
 
 
 def apply_mask(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:

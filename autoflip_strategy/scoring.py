@@ -236,5 +236,6 @@ def round_mask(method: Method, scores: Tensors | None, state: Mapping[str, torch
     sparsity = scheduled_sparsity(server_round, c.sparsity_initial, c.sparsity,
                                   c.sparsity_ramp_rounds if method.ramps else 0)
     structured = c.structured_sparsity * (sparsity / c.sparsity) if c.sparsity > 0 else c.structured_sparsity
-    mask = compute_hybrid_mask(scores, structure, sparsity, structured, previous, c.regrowth, c.min_output_density)
+    mask = compute_hybrid_mask(scores, structure, sparsity, structured, previous, c.regrowth, c.min_output_density,
+                               c.layer_budget)
     return scores, mask

@@ -172,3 +172,38 @@ def test_mask_churn_refuses_masks_of_different_models():
         mask_churn(mask, HybridMask(mask.units, {"a.weight": mask.weights["a.weight"]}))
     with pytest.raises(ValueError, match="b.weight"):
         mask_churn(mask, HybridMask(mask.units, {**mask.weights, "b.weight": torch.ones(3, 3, dtype=torch.bool)}))
+
+
+def test_layer_quotas_by_hand():
+    from autoflip_strategy.masks import layer_quotas
+
+    counts, shapes = {"a": 100, "b": 10}, {"a": (10, 10), "b": (2, 5)}
+    assert layer_quotas(counts, shapes, 55, "uniform") == {"a": 50, "b": 5}
+    # ERK weights: a (10+10)/100 = 0.2, b (2+5)/10 = 0.7; eps = 55/27 gives b a share of 1.43 > 1, so b keeps
+    # all 10 and a gets the remaining 45.
+    assert layer_quotas(counts, shapes, 55, "erk") == {"a": 45, "b": 10}
+    assert layer_quotas(counts, shapes, 200, "erk") == counts  # budget above the candidates: keep all
+    assert sum(layer_quotas({"a": 7, "b": 7, "c": 7}, {k: (7,) for k in "abc"}, 10, "uniform").values()) == 10
+    with pytest.raises(ValueError, match="layer budget"):
+        layer_quotas(counts, shapes, 55, "nope")
+
+
+@pytest.mark.parametrize("budget", ["uniform", "erk"])
+def test_per_layer_budgets_keep_the_total_and_rank_within_each_tensor(budget):
+    model, x = cnn()
+    s = discover_structure(model, x)
+    scores = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    mask = compute_hybrid_mask(scores, s, 0.6, 0.0, layer_budget=budget)
+    total = sum(mask.weights[n].numel() for n in s.prunable)
+    kept = {n: int(mask.weights[n].sum()) for n in s.prunable}
+    assert sum(kept.values()) == round(0.4 * total)
+    for n in s.prunable:  # within a tensor, every kept score beats every pruned one
+        keep = mask.weights[n]
+        if keep.any() and (~keep).any():
+            assert float(scores[n][keep].min()) >= float(scores[n][~keep].max())
+    shares = [kept[n] / mask.weights[n].numel() for n in s.prunable]
+    if budget == "uniform":
+        assert max(shares) - min(shares) < 0.01
+    else:  # ERK: the smallest tensor (fewest weights per fan-in + fan-out) is the densest
+        smallest = min(s.prunable, key=lambda n: mask.weights[n].numel())
+        assert kept[smallest] / mask.weights[smallest].numel() == max(shares)
