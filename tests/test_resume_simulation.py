@@ -13,6 +13,11 @@ the models differed; it did not recur in later attempts (3 of 3 under load, no
 wait). The test therefore keeps a copy of the interrupted run's folder and, if the
 resumed run records a lost reply, warns with the reason and resumes once more from
 the copy. Two runs in a row with lost replies fail the test.
+
+The uninterrupted run and the two interrupted-then-resumed runs go at the same time,
+each on its own SuperLink, output folder and marker (the ``scenarios`` fixture of
+tests/conftest.py): most of a short simulation is starting and stopping Ray and
+Flower's processes, which overlaps well on 2 cores.
 """
 
 import os
@@ -72,15 +77,41 @@ def _kill_mid_run(output_dir: Path, how: str) -> int:
     return load_checkpoint(checkpoint)["round"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    full = run_simulation(CONFIG, 4, output_dir=tmp_path_factory.mktemp("full"), client_cpus=2)
+HOWS = ["launcher-sigterm", "serverapp-sigkill"]
+TEST = "test_killed_and_resumed_run_ends_with_the_uninterrupted_model"
+
+
+def _uninterrupted(output_dir: Path) -> Path:
+    full = run_simulation(CONFIG, 4, output_dir=output_dir, client_cpus=2)
     assert not _lost_replies(full), f"infrastructure fault in the uninterrupted run: {_lost_replies(full)}"
     return full
 
 
-@pytest.mark.parametrize("how", ["launcher-sigterm", "serverapp-sigkill"])
-def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(uninterrupted, how, tmp_path):
+@pytest.fixture(scope="module")
+def runs(scenarios, tmp_path_factory):
+    """The uninterrupted run and both interrupted-and-resumed runs, started at once."""
+    scenarios.start("uninterrupted", [TEST], _uninterrupted, tmp_path_factory.mktemp("full"))
+    for how in HOWS:
+        scenarios.start(how, [TEST], _killed_and_resumed, how, tmp_path_factory.mktemp(how))
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs) -> Path:
+    return runs.result("uninterrupted")
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(runs, uninterrupted, how):
+    resumed = runs.result(how)
+    a = torch.load(uninterrupted.parent / "final_model.pt", weights_only=True)
+    b = torch.load(resumed.parent / "final_model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-6
+
+
+def _killed_and_resumed(how: str, tmp_path: Path) -> Path:
+    """Interrupt a run (``how``), resume it; the resumed run's results file."""
     killed = tmp_path / "killed"
     stopped_after = _kill_mid_run(killed, how)
     assert 1 <= stopped_after < ROUNDS, "the run was not interrupted mid-way"
@@ -98,7 +129,4 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_model(uninterrupted,
         shutil.copytree(tmp_path / "interrupted", killed)
     assert not lost, f"two resumed runs in a row lost client replies: {lost}"
     assert load_results(resumed)["status"] == "completed"
-    a = torch.load(uninterrupted.parent / "final_model.pt", weights_only=True)
-    b = torch.load(resumed.parent / "final_model.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-6
+    return resumed
