@@ -3,7 +3,9 @@
 The app has Flower's quickstart-pytorch shape: its own CNN with a fixed ``view``,
 its own train/test loops, a FedAvg server and its own train/evaluate logic.
 ``fedavg_original/`` is the app before adoption, ``quickstart/`` after it; the
-runs go through ``flwr run`` in simulation (runner.simulation).
+runs go through ``flwr run`` in simulation (runner.simulation). The two runs (the
+adopted app, and one whose model cannot train) run at the same time, each on its own
+SuperLink (the ``scenarios`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -42,12 +44,26 @@ def test_adoption_takes_at_most_fifteen_written_lines() -> None:
     assert "x.view(-1, 16 * 5 * 5)" in (APP_DIR / "quickstart" / "task.py").read_text()
 
 
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[str]]:
+def _quickstart_run(output_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
     lines: list[str] = []
-    path = run_simulation({"num-server-rounds": ROUNDS}, NODES, output_dir=tmp_path_factory.mktemp("quickstart"),
+    path = run_simulation({"num-server-rounds": ROUNDS}, NODES, output_dir=output_dir,
                           app_dir=APP_DIR, timeout=600, client_cpus=2, stream_to=lines.append)
     return path, load_results(path), lines
+
+
+@pytest.fixture(scope="module")
+def runs(scenarios, tmp_path_factory: pytest.TempPathFactory):
+    """Both simulations of this module, started at once (each test waits for its own)."""
+    scenarios.start("adopted", ["test_adopted_quickstart_completes_and_really_prunes"], _quickstart_run,
+                    tmp_path_factory.mktemp("quickstart"))
+    scenarios.start("cannot-train", ["test_quickstart_whose_model_cannot_train_fails_with_the_clients_error"],
+                    _quickstart_that_cannot_train, tmp_path_factory.mktemp("cannot-train"))
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(runs) -> tuple[Path, dict[str, Any], list[str]]:
+    return runs.result("adopted")
 
 
 def test_adopted_quickstart_completes_and_really_prunes(quickstart_run: tuple[Path, dict[str, Any], list[str]]) -> None:
@@ -76,8 +92,12 @@ def test_adopted_quickstart_completes_and_really_prunes(quickstart_run: tuple[Pa
     assert f"AutoFLIP train {ROUNDS}: density 0.5" in text
 
 
-def test_quickstart_whose_model_cannot_train_fails_with_the_clients_error(tmp_path: Path) -> None:
+def test_quickstart_whose_model_cannot_train_fails_with_the_clients_error(runs) -> None:
     """Every client raises (SGD refuses a negative learning rate): the run fails, it does not 'complete'."""
+    runs.result("cannot-train")
+
+
+def _quickstart_that_cannot_train(tmp_path: Path) -> None:
     with pytest.raises(SimulationError) as err:
         run_simulation({"num-server-rounds": 4, "lr": -1.0}, NODES, output_dir=tmp_path, app_dir=APP_DIR,
                        timeout=600, client_cpus=2)
