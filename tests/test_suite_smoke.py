@@ -11,7 +11,8 @@ from benchmarks.suite import METHODS, SETTINGS, run_suite
 
 
 def test_smoke_suite_writes_table_csv_and_plots(tmp_path, monkeypatch):
-    summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path)
+    # jobs=2: the two simulations (each on its own SuperLink) at the same time; the table and plots come after both
+    summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path, jobs=2)
     text = summary.read_text()
     assert "| digits-iid-4 | fedavg |" in text and "| digits-iid-4 | autoflip |" in text
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
