@@ -4,7 +4,6 @@ real Flower simulation of each (the reference app on digits, launched like tests
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +130,22 @@ def _simulate(strategy: str, root: Path) -> dict[str, Any]:
     return load_results(path)
 
 
-@pytest.fixture(scope="module")
-def simulations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+SIM_TESTS = ["test_real_flower_simulation_completes_pruned", "test_real_simulation_snip_learns",
+             "test_real_simulation_hidenseek_uplink_is_far_below_snip"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_simulations(scenarios, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Both simulations start with the module's first test (at the same time, each on its own SuperLink),
+    so that they run while the in-process tests above compute; the tests below wait for them."""
     root = tmp_path_factory.mktemp("init-methods")
-    with ThreadPoolExecutor(2) as pool:
-        futures = {s: pool.submit(_simulate, s, root) for s in ("snip", "hidenseek")}
-        return {s: f.result() for s, f in futures.items()}
+    for s in ("snip", "hidenseek"):
+        scenarios.start(s, SIM_TESTS, _simulate, s, root)
+
+
+@pytest.fixture(scope="module")
+def simulations(scenarios) -> dict[str, dict[str, Any]]:
+    return {s: scenarios.result(s) for s in ("snip", "hidenseek")}
 
 
 @pytest.mark.parametrize("strategy", ["snip", "hidenseek"])
