@@ -6,9 +6,7 @@ one whose ServerApp fails (MNIST from a folder that does not exist) and must
 end ``failed`` with that reason. (An invalid run-config value no longer gets
 that far: the launcher refuses it before starting anything, see
 ``tests/test_run_config_attacks.py``.) The tests then inspect
-what each left behind, so the whole file costs about one run's wall time. The
-same run without Ray (``runner.inprocess``, compared with the good run below)
-goes at the same time, in a third thread of this process.
+what each left behind, so the whole file costs about one run's wall time.
 """
 
 from __future__ import annotations
@@ -79,35 +77,20 @@ def _launch(config: dict[str, Any], output_dir: Path) -> Outcome:
     return out
 
 
-def _inprocess(output_dir: Path) -> Outcome:
-    """The good run's config through runner.inprocess (no Ray, no SuperLink)."""
-    from runner.inprocess import run_inprocess
-
-    out = Outcome(started=time.monotonic())
-    try:
-        out.path = run_inprocess({**CONFIG, "device": "cpu"}, NUM_SUPERNODES, output_dir=output_dir)
-    except Exception as exc:  # noqa: BLE001 - the test that compares it reports it
-        out.error = exc
-    out.ended = time.monotonic()
-    return out
-
-
 @dataclass
 class Runs:
     good: Outcome
     bad: Outcome
     root: Path
-    local: Outcome
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("simulation")
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(2) as pool:
         bad = pool.submit(_launch, {**CONFIG, "dataset": "mnist", "data-dir": str(root / "no-such-data")}, root / "bad")
         good = pool.submit(_launch, CONFIG, root / "good")
-        local = pool.submit(_inprocess, root / "inprocess")
-        return Runs(good.result(), bad.result(), root, local.result())
+        return Runs(good.result(), bad.result(), root)
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +238,13 @@ def test_toml_document_and_overrides() -> None:
 
 
 # ------------------------------------------------- the same run without Ray (runner.inprocess)
-def test_inprocess_runner_reproduces_the_simulation(good: tuple[Path, dict[str, Any]], runs: Runs) -> None:
+def test_inprocess_runner_reproduces_the_simulation(good: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     """The GPU benchmarks use runner.inprocess (Ray does not fit there): same seed, same run."""
+    from runner.inprocess import run_inprocess
+
     _, sim = good
-    local = runs.local.results()
-    path = runs.local.path
+    path = run_inprocess({**CONFIG, "device": "cpu"}, NUM_SUPERNODES, output_dir=tmp_path)
+    local = load_results(path)
     keys = ("round", "phase", "sampled", "replied", "density", "bytes_down", "bytes_up", "train_flops")
     assert [{k: r[k] for k in keys} for r in local["rounds"]] == [{k: r[k] for k in keys} for r in sim["rounds"]]
     for a, b in zip(local["rounds"], sim["rounds"]):
