@@ -96,9 +96,20 @@ class FinalGrace:
         self.final_at: float | None = None
 
     def __call__(self) -> bool:
-        if self.final_at is None and final_record(self.output_dir, self.before, self.lines(), self.pattern):
-            self.final_at = time.monotonic()
+        self._look()
         return self.final_at is not None and time.monotonic() - self.final_at > self.grace
+
+    def completed(self) -> bool:
+        """Whether the final record says ``completed``: the ServerApp writes it last (after the model, mask
+        and checkpoint files), so nothing the run produces is still to come."""
+        path = self._look()
+        return path is not None and run_outcome(path)[0] == "completed"
+
+    def _look(self) -> Path | None:
+        path = final_record(self.output_dir, self.before, self.lines(), self.pattern)
+        if path is not None and self.final_at is None:
+            self.final_at = time.monotonic()
+        return path
 
 
 def report(path: Path) -> str:

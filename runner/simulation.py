@@ -163,12 +163,18 @@ class _Session:
 
 def _follow(session: _Session, cli: subprocess.Popen[str], reader: threading.Thread, grace: FinalGrace,
             deadline: float, timeout: float) -> tuple[str | None, dict[str, Any] | None, str | None]:
-    """Wait for the run: (run id, Flower's status record, failure or None)."""
+    """Wait for the run: (run id, Flower's status record, failure or None).
+
+    Once ``flwr run --stream`` has ended (every streamed line delivered), a final record that says
+    ``completed`` skips asking Flower for the run's status (a ``flwr list``, about 2 s): the session is torn
+    down right after, and the results file decides the outcome (:func:`.results.judge_run`)."""
     rc = None
     while (rc := cli.poll()) is None and time.monotonic() < deadline and not grace():
-        time.sleep(1.0)
+        time.sleep(0.5)
     reader.join(timeout=5 if rc is not None else 0.1)
     run_id = run_id_in(session.lines)
+    if run_id is not None and grace.completed():
+        return run_id, None, None
     if rc is None and not grace():
         return run_id, None, f"timed out after {timeout:.0f} s"
     if run_id is None:
