@@ -98,6 +98,9 @@ def test_resume_needs_the_run_name_of_the_run_to_continue():
     assert app_config({"resume": True, "run-name": "r"})["resume"] is True
 
 
+SUITE_NAMES = {"lean": "autoflip-lean0.6"}  # the suite's name of a preset, where it is not autoflip-<preset>
+
+
 def test_presets_ship_as_run_config_profiles_and_suite_methods():
     """PRESETS, conf/<name>.toml and the suite's autoflip-<name> method hold the same option values."""
     import tomllib
@@ -108,7 +111,7 @@ def test_presets_ship_as_run_config_profiles_and_suite_methods():
     for name, values in PRESETS.items():
         with (ROOT / "conf" / f"{name}.toml").open("rb") as f:
             assert tomllib.load(f) == values
-        assert METHODS[f"autoflip-{name}"] == values
+        assert METHODS[SUITE_NAMES.get(name, f"autoflip-{name}")] == values
         config = AutoFLIPConfig.preset(name, seed=3)
         assert config.seed == 3 and all(getattr(config, k.replace("-", "_")) == v for k, v in values.items())
     with pytest.raises(ValueError, match="unknown preset"):
