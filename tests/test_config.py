@@ -122,6 +122,9 @@ def test_run_config_profile_files_parse_like_flwr_run(tmp_path):
     from runner.runconfig import parse_overrides
 
     assert parse_overrides(str(ROOT / "conf" / "paper.toml"))["sparsity"] == 0.3
+    from runner.runconfig import parse_override_args  # a profile, then pairs that override it
+    merged = parse_override_args(None, [str(ROOT / "conf" / "lean.toml"), "sparsity=0.7 num-server-rounds=2"])
+    assert (merged["sparsity"], merged["num-server-rounds"], merged["value-precision"]) == (0.7, 2, "int8")
     with pytest.raises(ValueError, match="cannot read run-config file"):
         parse_overrides(str(tmp_path / "missing.toml"))
     (tmp_path / "bad.toml").write_text("sparsity = = 1\n")
