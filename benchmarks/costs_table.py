@@ -40,12 +40,14 @@ def cumulative_bytes(runs: Sequence[Rounds]) -> np.ndarray:
 
 
 def break_even(runs: Sequence[Rounds], reference: Sequence[Rounds]) -> int | None:
-    """The first round r >= 0 at which the cumulative bytes of ``runs`` are at most those of
-    ``reference`` at r (both averaged over their seeds round by round); 0 when they start at or below
-    it, None when they never get there within the rounds both have."""
+    """The first round r >= 0 from which on the cumulative bytes of ``runs`` stay at most those of
+    ``reference`` (both averaged over their seeds round by round) through the last round both have; 0 when
+    they never exceed it, None when they are above it at that last round."""
     ours, theirs = cumulative_bytes(runs), cumulative_bytes(reference)
     length = min(len(ours), len(theirs))
-    hits = np.flatnonzero(ours[:length] <= theirs[:length])
+    below = ours[:length] <= theirs[:length]
+    stays = np.flip(np.logical_and.accumulate(np.flip(below)))  # below at r and at every later round
+    hits = np.flatnonzero(stays)
     return int(hits[0]) if hits.size else None
 
 

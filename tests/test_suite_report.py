@@ -35,11 +35,19 @@ def test_one_off_and_per_round_mb():
     assert C.one_off_mb([]) == 0.0
 
 
-def test_break_even_is_the_first_round_at_or_below_the_reference():
+def test_break_even_is_the_round_from_which_the_bytes_stay_at_or_below_the_reference():
     # cumulative MB: explorer 25, 29, 33, 37, 41, 45; FedAvg 0, 10, 20, 30, 40, 50 -> round 5 (45 <= 50)
     assert C.break_even([EXPLORER], [FEDAVG]) == 5
     assert C.break_even([FEDAVG], [FEDAVG]) == 0  # equal counts as even
-    assert C.break_even([FEDAVG], [EXPLORER]) == 0  # starts below
+    # FedAvg starts below the explorer (0 vs 25) but is above it at round 5 (50 > 45): it never stays below
+    assert C.break_even([FEDAVG], [EXPLORER]) is None
+    assert C.break_even([FEDAVG[:5]], [EXPLORER[:5]]) == 0  # below through round 4 (40 <= 41)
+    crossing = rounds([20_000_000, 20_000_000, 1_000_000, 1_000_000, 1_000_000, 1_000_000])
+    # cumulative 20, 40, 41, 42, 43, 44 vs FedAvg 0, 10, 20, 30, 40, 50: below only from round 5 on
+    assert C.break_even([crossing], [FEDAVG]) == 5
+    dips = rounds([0, 15_000_000, 5_000_000, 10_000_000, 10_000_000, 5_000_000])
+    # cumulative 0, 15, 20, 30, 40, 45 vs 0, 10, 20, 30, 40, 50: at or below at round 0, above at 1, then below
+    assert C.break_even([dips], [FEDAVG]) == 2
     assert C.break_even([EXPLORER[:4]], [FEDAVG]) is None  # 37 > 30 at round 3, the last one both have
     # seeds are averaged round by round: (25 + 5) / 2 = 15 once, then (4 + 4) / 2 = 4 a round; FedAvg 10 a round
     # -> cumulative 15, 19, 23 vs 0, 10, 20 ... 15 + 4r <= 10r from r = 2.5, so round 3 (27 <= 30)
