@@ -25,6 +25,9 @@ What the strategy asks (and when)
     The scores this round's mask is computed from, given the current scores (``None`` before the first
     mask of a method that does not explore) and the current global model: magnitude recomputes |θ|,
     random draws its scores once, AutoFLIP returns its guidance. Called every round unless ``fixed``.
+``ranking(scores, state)``
+    What the mask ranks, from those scores; the scores themselves are what the strategy keeps and refreshes.
+    Default: the scores (AutoFLIP's ``guidance-score = deviation-magnitude``: guidance × |θ|).
 ``fixed``
     The mask is computed once (its first non-trivial version) and never again (random, and the
     at-initialisation methods).
@@ -110,6 +113,10 @@ class Method:
     def refresh(self, scores: Tensors, stats: G.UpdateStatistics) -> Tensors:
         return scores
 
+    def ranking(self, scores: Tensors, state: Mapping[str, torch.Tensor]) -> Tensors:
+        """What the mask ranks this round, from the scores the method keeps (default: the scores themselves)."""
+        return scores
+
     def request_records(self, state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, ArrayRecord]:
         return {}
 
@@ -134,10 +141,10 @@ class GuidanceMethod(Method):
         c = self.context.config
         return G.refresh(scores, stats, c.guidance_decay, c.agreement_weight, c.guidance_norm)
 
-    def round_scores(self, scores: Tensors | None, state: Mapping[str, torch.Tensor]) -> Tensors:
+    def ranking(self, scores: Tensors, state: Mapping[str, torch.Tensor]) -> Tensors:
         """The guidance, or (``guidance-score = deviation-magnitude``) guidance × |θ| renormalised per tensor:
-        a weight is kept for moving under the clients' losses *and* for mattering to the output now."""
-        scores = super().round_scores(scores, state)
+        a weight is kept for moving under the clients' losses *and* for mattering to the output now. Only
+        the mask sees the product; the guidance kept and refreshed across rounds stays unweighted."""
         c = self.context.config
         if c.guidance_score == "deviation":
             return scores
@@ -236,6 +243,6 @@ def round_mask(method: Method, scores: Tensors | None, state: Mapping[str, torch
     sparsity = scheduled_sparsity(server_round, c.sparsity_initial, c.sparsity,
                                   c.sparsity_ramp_rounds if method.ramps else 0)
     structured = c.structured_sparsity * (sparsity / c.sparsity) if c.sparsity > 0 else c.structured_sparsity
-    mask = compute_hybrid_mask(scores, structure, sparsity, structured, previous, c.regrowth, c.min_output_density,
-                               c.layer_budget)
+    mask = compute_hybrid_mask(method.ranking(scores, state), structure, sparsity, structured, previous, c.regrowth,
+                               c.min_output_density, c.layer_budget)
     return scores, mask

@@ -88,12 +88,19 @@ def test_guidance_score_deviation_magnitude_ranks_guidance_times_current_weights
     state = state_of(model_and_structure)
     guidance = {n: torch.rand(s.shapes[n]) + 0.1 for n in s.prunable}
     plain = method(model_and_structure, strategy="autoflip", guidance_norm="max")
-    assert plain.round_scores(guidance, state) is guidance  # the paper's deviation, unchanged
+    assert plain.ranking(guidance, state) is guidance  # the paper's deviation, unchanged
     both = method(model_and_structure, strategy="autoflip", guidance_norm="max", guidance_score="deviation-magnitude")
-    scored = both.round_scores(guidance, state)
+    assert both.round_scores(guidance, state) is guidance  # what is kept and refreshed stays the guidance
+    scored = both.ranking(guidance, state)
     for n in s.prunable:
         product = guidance[n] * state[n].abs()
         assert torch.allclose(scored[n], product / product.max())  # renormalised per tensor
     name = s.prunable[0]  # by hand: a weight of zero magnitude scores zero, whatever its deviation
     zeroed = {**state, name: torch.zeros_like(state[name])}
-    assert float(both.round_scores(guidance, zeroed)[name].abs().max()) == 0.0
+    assert float(both.ranking(guidance, zeroed)[name].abs().max()) == 0.0
+    # Through round_mask: the mask ranks the product, the returned (kept) scores are the guidance itself, so
+    # no power of |θ| accumulates across rounds.
+    kept, mask = round_mask(both, guidance, state, None, 1)
+    assert kept is guidance
+    expected = compute_hybrid_mask(scored, s, both.context.config.sparsity, both.context.config.structured_sparsity)
+    assert all(torch.equal(mask.weights[n], expected.weights[n]) for n in s.prunable)
