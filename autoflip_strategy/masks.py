@@ -191,11 +191,11 @@ def compute_hybrid_mask(
     flat_candidates = torch.cat([candidates[n].reshape(-1) for n in names])
     target = int(round((1.0 - sparsity) * flat_candidates.numel()))
     if layer_budget != "global" and int(flat_candidates.sum()) > target:
-        quotas = layer_quotas({n: int(candidates[n].sum()) for n in names},
-                              {n: structure.shapes[n] for n in names}, target, layer_budget)
         fixed = set(fixed_output_tensors(structure)) if min_output_density > 0 else set()
-        return HybridMask(units, {n: _keep_top(candidates[n], scores[n], quotas[n], _reserved_rows(
-            candidates[n], scores[n], min_output_density) if n in fixed else None) for n in names})
+        reserved = {n: _reserved_rows(candidates[n], scores[n], min_output_density) for n in fixed}
+        quotas = layer_quotas({n: int(candidates[n].sum()) for n in names}, {n: structure.shapes[n] for n in names},
+                              target, layer_budget, {n: int(r.sum()) for n, r in reserved.items()})
+        return HybridMask(units, {n: _keep_top(candidates[n], scores[n], quotas[n], reserved.get(n)) for n in names})
     if int(flat_candidates.sum()) > target:
         flat_scores = torch.cat([scores[n].reshape(-1).double() for n in names])
         flat_scores = torch.where(flat_candidates, flat_scores, torch.tensor(-math.inf, dtype=torch.float64))
@@ -219,32 +219,33 @@ def compute_hybrid_mask(
     return HybridMask(units, weights)
 
 
-def layer_quotas(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], target: int,
-                 how: str) -> dict[str, int]:
+def layer_quotas(counts: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]], target: int, how: str,
+                 floors: Mapping[str, int] | None = None) -> dict[str, int]:
     """Weights each tensor keeps out of its ``counts`` candidates so that the total is ``target``.
 
-    ``uniform``: the same share everywhere. ``erk``: shares ∝ (Σ dims) / (Π dims) of the tensor's shape,
-    a tensor whose share would exceed 1 keeps all its candidates and the rest is shared again (RigL)."""
+    ``uniform``: the same share everywhere. ``erk``: shares ∝ (Σ dims) / (Π dims) of the tensor's shape.
+    A tensor whose share would exceed its candidates keeps them all, one below its ``floors`` (e.g. the
+    classifier rows that ``min_output_density`` reserves) keeps its floor, and the rest of the budget is
+    shared again among the others (RigL's ERK capping, with floors)."""
     if how not in ("uniform", "erk"):
         raise ValueError(f"layer budget must be global, uniform or erk, got {how!r}")
-    total = sum(counts.values())
-    if total <= target:
+    if sum(counts.values()) <= target:
         return dict(counts)
-    if how == "uniform":
-        raw = {n: c * target / total for n, c in counts.items()}
-    else:
-        weight = {n: sum(shapes[n]) / math.prod(shapes[n]) for n in counts}
-        full: set[str] = set()
-        while True:
-            left = target - sum(counts[n] for n in full)
-            mass = sum(weight[n] * counts[n] for n in counts if n not in full)
-            eps = left / mass if mass > 0 else 0.0
-            over = {n for n in counts if n not in full and eps * weight[n] > 1.0}
-            if not over:
-                break
-            full |= over
-        raw = {n: float(counts[n]) if n in full else eps * weight[n] * counts[n] for n in counts}
-    quotas = {n: min(counts[n], int(math.floor(v))) for n, v in raw.items()}
+    floor = {n: min(int((floors or {}).get(n, 0)), counts[n]) for n in counts}
+    weight = {n: 1.0 if how == "uniform" else sum(shapes[n]) / math.prod(shapes[n]) for n in counts}
+    pinned: dict[str, float] = {}
+    while True:  # every pass pins at least one more tensor, so this ends
+        free = [n for n in counts if n not in pinned]
+        mass = sum(weight[n] * counts[n] for n in free)
+        eps = (target - sum(pinned.values())) / mass if mass > 0 else 0.0
+        raw = {n: eps * weight[n] * counts[n] for n in free}
+        over = {n for n in free if raw[n] > counts[n]}
+        under = {n for n in free if raw[n] < floor[n]} - over
+        if not over and not under:
+            break
+        pinned.update({n: float(counts[n]) for n in over} | {n: float(floor[n]) for n in under})
+    raw.update(pinned)
+    quotas = {n: min(counts[n], max(floor[n], int(math.floor(v)))) for n, v in raw.items()}
     by_remainder = sorted(counts, key=lambda n: raw[n] - math.floor(raw[n]), reverse=True)
     for n in by_remainder:  # largest remainders first, until the total is exact
         if sum(quotas.values()) >= target:

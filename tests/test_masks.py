@@ -207,3 +207,29 @@ def test_per_layer_budgets_keep_the_total_and_rank_within_each_tensor(budget):
     else:  # ERK: the smallest tensor (fewest weights per fan-in + fan-out) is the densest
         smallest = min(s.prunable, key=lambda n: mask.weights[n].numel())
         assert kept[smallest] / mask.weights[smallest].numel() == max(shares)
+
+
+def test_layer_quotas_honour_floors_and_cap_in_several_passes():
+    from autoflip_strategy.masks import layer_quotas
+
+    counts, shapes = {"a": 100, "b": 10}, {"a": (10, 10), "b": (2, 5)}
+    # uniform 55 of 110 would give b 5; its floor of 8 holds, and a gets the remaining 47
+    assert layer_quotas(counts, shapes, 55, "uniform", {"b": 8}) == {"a": 47, "b": 8}
+    # ERK needing two capping passes (weights a 0.2, b 0.7, c 1.5; target 42): pass 1, eps = 42/30 = 1.4, caps
+    # c (4.2 > 2) but not b (9.8); pass 2, eps = 40/27 = 1.48, caps b (10.4 > 10); a gets the remaining 30
+    counts3, shapes3 = {"a": 100, "b": 10, "c": 2}, {"a": (10, 10), "b": (2, 5), "c": (1, 2)}
+    assert layer_quotas(counts3, shapes3, 42, "erk") == {"a": 30, "b": 10, "c": 2}
+
+
+@pytest.mark.parametrize("budget", ["uniform", "erk"])
+def test_per_layer_budgets_with_the_row_floor_keep_the_total(budget):
+    model, x = cnn()
+    s = discover_structure(model, x)
+    scores = {n: torch.rand(s.shapes[n]) for n in s.prunable}
+    total = sum(torch.Size(s.shapes[n]).numel() for n in s.prunable)
+    mask = compute_hybrid_mask(scores, s, 0.6, 0.0, min_output_density=0.9, layer_budget=budget)
+    assert sum(int(mask.weights[n].sum()) for n in s.prunable) == round(0.4 * total)
+    from autoflip_strategy.masks import fixed_output_tensors
+    for n in fixed_output_tensors(s):  # every classifier row keeps at least 90 % of its inputs
+        rows = mask.weights[n].reshape(mask.weights[n].shape[0], -1)
+        assert bool((rows.sum(1) >= 0.9 * rows.shape[1] - 1e-9).all())
