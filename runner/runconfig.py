@@ -70,7 +70,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
         path = Path(text.strip()).expanduser()
         try:
             with path.open("rb") as f:
-                return tomllib.load(f)
+                return _flat(tomllib.load(f))
         except OSError as exc:
             raise ValueError(f"cannot read run-config file {str(path)!r}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
@@ -83,6 +83,17 @@ def parse_overrides(text: str) -> dict[str, Any]:
         return tomllib.loads("\n".join(f"{toml_key(k)} = {v}" for k, v in pairs))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"invalid override {text!r}: values are TOML (strings in quotes): {exc}") from None
+
+
+def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables as dotted keys, as Flower flattens a run config."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def parse_override_args(parser: argparse.ArgumentParser, texts: Iterable[str]) -> dict[str, Any]:

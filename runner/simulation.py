@@ -173,7 +173,7 @@ def _follow(session: _Session, cli: subprocess.Popen[str], reader: threading.Thr
         time.sleep(0.5)
     reader.join(timeout=5 if rc is not None else 0.1)
     run_id = run_id_in(session.lines)
-    if run_id is not None and grace.completed():
+    if rc is not None and run_id is not None and grace.completed():
         return run_id, None, None
     if rc is None and not grace():
         return run_id, None, f"timed out after {timeout:.0f} s"

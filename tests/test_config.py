@@ -127,6 +127,9 @@ def test_run_config_profile_files_parse_like_flwr_run(tmp_path):
     assert (merged["sparsity"], merged["num-server-rounds"], merged["value-precision"]) == (0.7, 2, "int8")
     with pytest.raises(ValueError, match="cannot read run-config file"):
         parse_overrides(str(tmp_path / "missing.toml"))
+    (tmp_path / "nested.toml").write_text("sparsity = 0.4\n[extra]\nnote = \"x\"\n")
+    assert parse_overrides(str(tmp_path / "nested.toml")) == {"sparsity": 0.4, "extra.note": "x"}  # as Flower flattens
+    assert parse_overrides("data-dir='/data/set.toml'") == {"data-dir": "/data/set.toml"}  # a pair, not a file
     (tmp_path / "bad.toml").write_text("sparsity = = 1\n")
     with pytest.raises(ValueError, match="not valid TOML"):
         parse_overrides(str(tmp_path / "bad.toml"))

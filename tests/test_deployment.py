@@ -63,7 +63,7 @@ needs_tls_tools = pytest.mark.skipif(not TLS_TOOLS, reason="docker/generate_cert
 @pytest.fixture(scope="module")
 def bystander():
     """An unrelated process of the test itself: stopping a federation must not touch it."""
-    proc = subprocess.Popen(["sleep", "900"])
+    proc = subprocess.Popen(["sleep", "infinity"])
     yield proc
     proc.kill()
     proc.wait()
