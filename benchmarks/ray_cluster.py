@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runner.common import free_port
+from runner.common import free_ports
 from runner.processes import our_processes, stop_all
 
 RUNNER_MARKER_VAR = "AUTOFLIP_RUNNER_MARKER"  # runner.simulation.MARKER_VAR
@@ -59,10 +59,12 @@ class RayHead:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def command(self) -> list[str]:
-        ports = {"--ray-client-server-port": free_port(), "--dashboard-port": free_port(),
-                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                 "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
+    def command(self, chosen: list[int]) -> list[str]:
+        """``ray start --head`` on ``self.port`` with the other six components on ``chosen`` (distinct ports:
+        Ray refuses two components on one port)."""
+        flags = ("--ray-client-server-port", "--dashboard-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+        ports = dict(zip(flags, chosen, strict=True))
         return [_ray_bin(), "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
                 "--num-cpus", str(self.num_cpus), "--disable-usage-stats", "--temp-dir", self.temp_dir,
                 "--include-dashboard", "false", *[str(x) for kv in ports.items() for x in kv], "--block"]
@@ -74,10 +76,10 @@ class RayHead:
                    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", **{HEAD_MARKER_VAR: self.marker})
         env.pop("RAY_ADDRESS", None)
         env.pop(RUNNER_MARKER_VAR, None)
-        self.port = free_port()
+        self.port, *chosen = free_ports(7)
         log = Path(self.temp_dir) / "ray-start.log"
         with log.open("wb") as f:
-            self.proc = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stdout=f,
+            self.proc = subprocess.Popen(self.command(chosen), env=env, stdin=subprocess.DEVNULL, stdout=f,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ for a run's status; and wait for Flower to report a run finished. One copy here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,9 +61,19 @@ def console_script(name: str) -> str:
 
 def free_port() -> int:
     """A loopback port that was free a moment ago (callers retry when it was taken meanwhile)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago: all are held open until all are chosen,
+    so the system cannot hand the same port out twice (two single ``free_port`` calls can collide)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def launcher_env(home: Path, marker_var: str, marker: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -17,3 +17,15 @@ def test_summary_splits_the_one_off_stage_from_the_mean_training_round():
 
 def test_summary_of_a_run_without_rounds_says_so():
     assert summarise({"status": "failed", "rounds": []}) == "status failed: no rounds recorded"
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    from runner.common import free_ports
+
+    ports = free_ports(7)
+    assert len(set(ports)) == 7
+    for port in ports:  # each one is free again once chosen
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
