@@ -188,33 +188,26 @@ def compute_hybrid_mask(
         candidates = {n: c & previous.weights[n] for n, c in candidates.items()}
 
     names = list(structure.prunable)
-    flat_candidates = torch.cat([candidates[n].reshape(-1) for n in names])
-    target = int(round((1.0 - sparsity) * flat_candidates.numel()))
-    if layer_budget != "global" and int(flat_candidates.sum()) > target:
-        fixed = set(fixed_output_tensors(structure)) if min_output_density > 0 else set()
-        reserved = {n: _reserved_rows(candidates[n], scores[n], min_output_density) for n in fixed}
-        quotas = layer_quotas({n: int(candidates[n].sum()) for n in names}, {n: structure.shapes[n] for n in names},
-                              target, layer_budget, {n: int(r.sum()) for n, r in reserved.items()})
+    counts = {n: int(candidates[n].sum()) for n in names}
+    target = int(round((1.0 - sparsity) * sum(candidates[n].numel() for n in names)))
+    if sum(counts.values()) <= target:
+        return HybridMask(units, candidates)
+    fixed = fixed_output_tensors(structure) if min_output_density > 0 else []
+    reserved = {n: _reserved_rows(candidates[n], scores[n], min_output_density) for n in fixed}
+    if layer_budget != "global":
+        quotas = layer_quotas(counts, {n: structure.shapes[n] for n in names}, target, layer_budget,
+                              {n: int(r.sum()) for n, r in reserved.items()})
         return HybridMask(units, {n: _keep_top(candidates[n], scores[n], quotas[n], reserved.get(n)) for n in names})
-    if int(flat_candidates.sum()) > target:
-        flat_scores = torch.cat([scores[n].reshape(-1).double() for n in names])
-        flat_scores = torch.where(flat_candidates, flat_scores, torch.tensor(-math.inf, dtype=torch.float64))
-        flat_reserved = torch.zeros_like(flat_candidates)
-        if min_output_density > 0:
-            fixed = set(fixed_output_tensors(structure))
-            flat_reserved = torch.cat([
-                _reserved_rows(candidates[n], scores[n], min_output_density).reshape(-1) if n in fixed
-                else torch.zeros(candidates[n].numel(), dtype=torch.bool) for n in names])
-            flat_scores = torch.where(flat_reserved, torch.tensor(-math.inf, dtype=torch.float64), flat_scores)
-        order = torch.sort(flat_scores, descending=True, stable=True).indices
-        flat_keep = flat_reserved.clone()
-        flat_keep[order[:max(target - int(flat_reserved.sum()), 0)]] = True
-    else:
-        flat_keep = flat_candidates
+    # One global ranking: the same selection over every prunable tensor at once, then split back.
+    def flat(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([parts[n].reshape(-1) for n in names])
+
+    pinned = flat({n: reserved.get(n, torch.zeros_like(candidates[n])) for n in names}) if reserved else None
+    keep = _keep_top(flat(candidates), flat({n: scores[n].double() for n in names}), target, pinned)
     weights, offset = {}, 0
     for n in names:
         size = candidates[n].numel()
-        weights[n] = flat_keep[offset:offset + size].reshape(candidates[n].shape).clone()
+        weights[n] = keep[offset:offset + size].reshape(candidates[n].shape).clone()
         offset += size
     return HybridMask(units, weights)
 
