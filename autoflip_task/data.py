@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .array_cache import cached_arrays, library_version
+
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "shakespeare")
 PARTITIONINGS = ("iid", "dirichlet", "pathological", "natural")
 
@@ -116,7 +118,25 @@ def _load_cached(name: str, data_dir: str, seed: int) -> FederatedData:
 
 
 def _load_digits(seed: int) -> FederatedData:
-    """scikit-learn's digits with a stratified 80/20 split (they ship no test set)."""
+    """scikit-learn's digits with a stratified 80/20 split (they ship no test set).
+
+    The split is kept in the on-disk array cache: a fresh ClientApp process then skips importing
+    scikit-learn (about a second of CPU per Flower message under the deployment engine)."""
+    key = {"what": "digits-split", "seed": seed, "scikit-learn": library_version("scikit-learn")}
+    split = cached_arrays(key, lambda: _split_digits(seed), _check_digits)
+    return FederatedData(
+        name="digits",
+        train_x=torch.from_numpy(split["train_x"]),
+        train_y=torch.from_numpy(split["train_y"]),
+        test_x=torch.from_numpy(split["test_x"]),
+        test_y=torch.from_numpy(split["test_y"]),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        train_groups=None,
+    )
+
+
+def _split_digits(seed: int) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -126,16 +146,22 @@ def _load_digits(seed: int) -> FederatedData:
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=0.2, stratify=y, random_state=seed
     )
-    return FederatedData(
-        name="digits",
-        train_x=torch.from_numpy(x_tr),
-        train_y=torch.from_numpy(y_tr),
-        test_x=torch.from_numpy(x_te),
-        test_y=torch.from_numpy(y_te),
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        train_groups=None,
-    )
+    return {"train_x": x_tr, "train_y": y_tr, "test_x": x_te, "test_y": y_te}
+
+
+def _check_digits(split: dict[str, np.ndarray]) -> None:
+    """What scikit-learn's split of the 1797 digits gives, else ValueError (a stale or foreign entry)."""
+    want = {"train_x": ((1437, 1, 8, 8), np.float32), "test_x": ((360, 1, 8, 8), np.float32),
+            "train_y": ((1437,), np.int64), "test_y": ((360,), np.int64)}
+    for name, (shape, dtype) in want.items():
+        if name not in split or split[name].shape != shape or split[name].dtype != dtype:
+            raise ValueError(f"digits split: {name} is not {dtype.__name__} {shape}")
+    for name in ("train_x", "test_x"):
+        if not (np.isfinite(split[name]).all() and split[name].min() >= 0 and split[name].max() <= 1):
+            raise ValueError(f"digits split: {name} has values outside [0, 1]")
+    for name in ("train_y", "test_y"):
+        if split[name].min() < 0 or split[name].max() > 9:
+            raise ValueError(f"digits split: {name} has labels outside 0..9")
 
 
 # --------------------------------------------------------------------- images
@@ -439,10 +465,41 @@ def partition_indices(
         alpha, classes_per_partition, seed,
     )  # fmt: skip
     if key not in _PARTITION_CACHE:
-        _PARTITION_CACHE[key] = _compute_partitions(
-            data, num_partitions, partitioning, alpha, classes_per_partition, seed
+        # also on disk (array_cache): a fresh ClientApp process then skips importing flwr-datasets
+        stored = cached_arrays(
+            {"what": "partitions", "data": data.name, "fingerprint": key[1], "num-partitions": num_partitions,
+             "partitioning": partitioning, "alpha": alpha, "classes-per-partition": classes_per_partition,
+             "seed": seed, "flwr-datasets": library_version("flwr-datasets"),
+             "datasets": library_version("datasets")},
+            lambda: _flatten(_compute_partitions(
+                data, num_partitions, partitioning, alpha, classes_per_partition, seed)),
+            lambda arrays: _check_partitions(arrays, num_partitions, len(data.train_y)),
         )
+        parts = np.split(stored["indices"], stored["offsets"][1:-1])
+        for idx in parts:
+            idx.setflags(write=False)
+        _PARTITION_CACHE[key] = parts
     return _PARTITION_CACHE[key]
+
+
+def _flatten(parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+    return {"indices": np.concatenate(parts).astype(np.int64), "offsets": offsets}
+
+
+def _check_partitions(arrays: dict[str, np.ndarray], num_partitions: int, num_examples: int) -> None:
+    """Disjoint sorted partitions of the train rows with ``num_partitions`` offsets, else ValueError."""
+    indices, offsets = arrays.get("indices"), arrays.get("offsets")
+    if indices is None or offsets is None or indices.ndim != 1 or offsets.shape != (num_partitions + 1,):
+        raise ValueError(f"partitions: expected {num_partitions + 1} offsets and one index array")
+    if offsets[0] != 0 or offsets[-1] != len(indices) or (np.diff(offsets) < 0).any():
+        raise ValueError("partitions: offsets do not cut the index array")
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_examples
+                         or len(np.unique(indices)) != len(indices)):
+        raise ValueError(f"partitions: indices are not distinct rows of the {num_examples} train examples")
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if (np.diff(indices[a:b]) <= 0).any():
+            raise ValueError("partitions: a partition's indices are not sorted")
 
 
 def _fingerprint(data: FederatedData) -> str:

@@ -245,7 +245,8 @@ class LoopbackFederation:
         """Scan for our processes and remember them (so :meth:`alive_processes` can check them later)."""
         procs = self.processes()
         for pid, start in procs.items():
-            if pid not in self._seen or self._seen[pid][0] != start:
+            # a process caught between fork and exec has no command line yet: read it again next scan
+            if pid not in self._seen or self._seen[pid][0] != start or not self._seen[pid][1]:
                 self._seen[pid] = (start, cmdline(pid))
         return procs
 
