@@ -11,13 +11,12 @@ simulation engine.
 """
 
 import json
-import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from reference_app import copy_reference_app
 from runner.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,14 +74,8 @@ def train(msg, context):
 
 def make_app(folder: Path, client_source: str) -> Path:
     """The reference app with its ClientApp replaced by ``client_source``."""
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    pyproject = re.sub(r'clientapp = "[^"]+"', 'clientapp = "faulty_client:app"', pyproject)
-    (folder / "pyproject.toml").write_text(pyproject)
     (folder / "faulty_client.py").write_text(client_source)
-    shutil.copy(ROOT / "README.md", folder / "README.md")
-    for package in ("server_app", "client_app", "autoflip_task"):  # the reference app is not installed: ship it
-        shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return folder
+    return copy_reference_app(folder, clientapp="faulty_client:app")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner.processes import is_alive
+from reference_app import copy_reference_app
 from runner.simulation import FINAL_GRACE, load_results, run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +42,7 @@ def lingering_app(tmp_path: Path) -> Path:
             print(f"lingering pid {os.getpid()}", flush=True)
             time.sleep(600)
     '''))
-    text = (ROOT / "pyproject.toml").read_text().replace('serverapp = "server_app.app:app"',
-                                                           'serverapp = "lingering_server:app"')
-    assert "lingering_server:app" in text
-    (app / "pyproject.toml").write_text(text)
-    for package in ("server_app", "client_app", "autoflip_task"):  # `flwr run` imports the components from the app
-        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_reference_app(app, serverapp="lingering_server:app")
     yield app
     shutil.rmtree(app, ignore_errors=True)
 

@@ -1,4 +1,11 @@
-"""The benchmark suite's tiny configuration, end to end through real Flower simulations."""
+"""The benchmark suite's tiny configuration, end to end.
+
+The runs go through the suite's in-process engine (``--engine inprocess``, the one every benchmark in
+docs/ was run with: the real ServerApp and ClientApp over Flower's wire format, each run in its own
+process), started once for the module: the table, CSV and plot checks and the resume check read the
+same two runs. The suite's simulation engine is one call of ``runner.simulation.run_simulation``,
+which tests/test_simulation.py runs for real.
+"""
 
 import csv
 import dataclasses
@@ -10,9 +17,15 @@ import torch
 from benchmarks.suite import METHODS, SETTINGS, run_suite
 
 
-def test_smoke_suite_writes_table_csv_and_plots(tmp_path, monkeypatch):
-    # jobs=2: the two simulations (each on its own SuperLink) at the same time; the table and plots come after both
-    summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path, jobs=2)
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """The smoke suite's two runs, ``--engine inprocess --jobs 2`` (both at once, each in its own process)."""
+    out = tmp_path_factory.mktemp("suite")
+    return out, run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=out, engine="inprocess", jobs=2)
+
+
+def test_smoke_suite_writes_table_csv_and_plots(suite, monkeypatch):
+    tmp_path, summary = suite
     text = summary.read_text()
     assert "| digits-iid-4 | fedavg |" in text and "| digits-iid-4 | autoflip |" in text
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
@@ -59,9 +72,9 @@ def test_suite_settings_are_runnable_configs():
             assert 1 <= s.per_round <= s.num_clients
 
 
-def test_inprocess_engine_runs_in_parallel_and_resumes_a_cut_off_run(tmp_path):
-    """``--engine inprocess --jobs 2`` (how the GPU evidence was run), and resuming from a checkpoint."""
-    summary = run_suite("smoke", seeds=[0], methods=["fedavg", "autoflip"], out=tmp_path, engine="inprocess", jobs=2)
+def test_inprocess_engine_runs_in_parallel_and_resumes_a_cut_off_run(suite):
+    """``--engine inprocess --jobs 2`` (how the evidence was run), and resuming from a checkpoint."""
+    tmp_path, summary = suite
     assert "| digits-iid-4 | fedavg |" in summary.read_text() and "| digits-iid-4 | autoflip |" in summary.read_text()
     path = tmp_path / "runs/digits-iid-4/autoflip-seed0/run/results.json"
     results = json.loads(path.read_text())
