@@ -6,8 +6,9 @@ and recompute the same digits split and the same partitions: about 2 s of CPU pe
 of a small ClientApp message. The first process stores the arrays; later ones read them in
 milliseconds. What is stored is exactly what the computation returned.
 
-An entry's name is a hash of everything that decides its content (the inputs and the versions of
-the libraries that compute it), so a new scikit-learn or flwr-datasets computes afresh. Entries are
+An entry's name is a hash of what decides its content: the inputs, the versions of the libraries that
+compute it (numpy's among them: its random generators may change between releases) and the source of
+the functions that compute it (:func:`source_fingerprint`), so an upgrade or an edit computes afresh. Entries are
 written to a temporary file and renamed into place, so concurrent processes never read a half-written
 one. An entry that cannot be read (truncated, corrupt: the zip members carry CRCs) or that the
 caller's ``check`` rejects is recomputed and rewritten, and the reason is logged. A folder that
@@ -20,11 +21,11 @@ cannot be written (a read-only image) only costs the recomputation, logged once 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 import tempfile
-import zipfile
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +52,17 @@ def cache_dir() -> Path | None:
     return Path(base).expanduser() / "autoflip"
 
 
+def source_fingerprint(*functions: Callable[..., Any]) -> str:
+    """A hash of the functions' source code, for a cache key: editing them invalidates their entries."""
+    digest = hashlib.sha256()
+    for fn in functions:
+        try:
+            digest.update(inspect.getsource(fn).encode())
+        except (OSError, TypeError):  # no source shipped: the bytecode (then a new Python also recomputes)
+            digest.update(fn.__code__.co_code)
+    return digest.hexdigest()[:16]
+
+
 def library_version(distribution: str) -> str:
     """The installed version of ``distribution`` (read from its metadata: nothing is imported)."""
     try:
@@ -67,16 +79,21 @@ def cached_arrays(key: Mapping[str, Any], compute: Callable[[], Arrays],
     shapes, values out of range); they are then recomputed. Computed arrays are checked too, so a
     ``check`` that disagrees with ``compute`` fails loudly instead of recomputing forever.
     """
-    folder = cache_dir()
-    text = json.dumps(dict(key), sort_keys=True)
-    path = None if folder is None else folder / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.npz"
-    if path is not None and path.exists():
+    text = json.dumps({**key, "numpy": np.__version__}, sort_keys=True)
+    try:
+        folder = cache_dir()  # expanduser fails without a home directory
+        path = None if folder is None else folder / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.npz"
+        stored = path is not None and path.exists()
+    except (OSError, RuntimeError) as exc:
+        _note_unusable_folder(str(exc), exc)
+        path, stored = None, False
+    if stored:
         try:
             arrays = _read(path, text)
             if check is not None:
                 check(arrays)
             return arrays
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except Exception as exc:  # noqa: BLE001 (any unreadable entry is recomputed; the reason is logged)
             log.warning("cache entry %s for %s is unusable (%s: %s); recomputing", path.name, text,
                         type(exc).__name__, exc)
     arrays = compute()
@@ -102,11 +119,17 @@ def _write(path: Path, text: str, arrays: Arrays) -> None:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **{_KEY: np.array(text)}, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the entry from other users of a shared folder
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        if str(path.parent) not in _warned:
-            _warned.add(str(path.parent))
-            log.info("array cache %s not writable (%s); recomputing in every process", path.parent, exc)
+        _note_unusable_folder(str(path.parent), exc)
+
+
+def _note_unusable_folder(where: str, exc: BaseException) -> None:
+    """Log once per process and folder that the cache cannot be used there (each process then recomputes)."""
+    if where not in _warned:
+        _warned.add(where)
+        log.info("array cache %s unusable (%s); recomputing in every process", where, exc)

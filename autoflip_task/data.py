@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .array_cache import cached_arrays, library_version
+from .array_cache import cached_arrays, library_version, source_fingerprint
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "shakespeare")
 PARTITIONINGS = ("iid", "dirichlet", "pathological", "natural")
@@ -122,7 +122,8 @@ def _load_digits(seed: int) -> FederatedData:
 
     The split is kept in the on-disk array cache: a fresh ClientApp process then skips importing
     scikit-learn (about a second of CPU per Flower message under the deployment engine)."""
-    key = {"what": "digits-split", "seed": seed, "scikit-learn": library_version("scikit-learn")}
+    key = {"what": "digits-split", "seed": seed, "scikit-learn": library_version("scikit-learn"),
+           "code": source_fingerprint(_split_digits)}
     split = cached_arrays(key, lambda: _split_digits(seed), _check_digits)
     return FederatedData(
         name="digits",
@@ -470,7 +471,8 @@ def partition_indices(
             {"what": "partitions", "data": data.name, "fingerprint": key[1], "num-partitions": num_partitions,
              "partitioning": partitioning, "alpha": alpha, "classes-per-partition": classes_per_partition,
              "seed": seed, "flwr-datasets": library_version("flwr-datasets"),
-             "datasets": library_version("datasets")},
+             "datasets": library_version("datasets"),
+             "code": source_fingerprint(_compute_partitions, _dirichlet_min_partition_size)},
             lambda: _flatten(_compute_partitions(
                 data, num_partitions, partitioning, alpha, classes_per_partition, seed)),
             lambda arrays: _check_partitions(arrays, num_partitions, len(data.train_y)),
@@ -492,6 +494,8 @@ def _check_partitions(arrays: dict[str, np.ndarray], num_partitions: int, num_ex
     indices, offsets = arrays.get("indices"), arrays.get("offsets")
     if indices is None or offsets is None or indices.ndim != 1 or offsets.shape != (num_partitions + 1,):
         raise ValueError(f"partitions: expected {num_partitions + 1} offsets and one index array")
+    if indices.dtype != np.int64 or offsets.dtype != np.int64:
+        raise ValueError("partitions: indices and offsets must be int64")
     if offsets[0] != 0 or offsets[-1] != len(indices) or (np.diff(offsets) < 0).any():
         raise ValueError("partitions: offsets do not cut the index array")
     if len(indices) and (indices.min() < 0 or indices.max() >= num_examples

@@ -245,9 +245,10 @@ class LoopbackFederation:
         """Scan for our processes and remember them (so :meth:`alive_processes` can check them later)."""
         procs = self.processes()
         for pid, start in procs.items():
-            # a process caught between fork and exec has no command line yet: read it again next scan
-            if pid not in self._seen or self._seen[pid][0] != start or not self._seen[pid][1]:
-                self._seen[pid] = (start, cmdline(pid))
+            # read every scan: a process caught between fork and exec shows no or its parent's command line
+            cmd = cmdline(pid)
+            if pid not in self._seen or self._seen[pid][0] != start or cmd:
+                self._seen[pid] = (start, cmd or self._seen.get(pid, (start, ""))[1])
         return procs
 
     @property

@@ -93,7 +93,10 @@ def test_off_and_unwritable_folders_only_cost_the_computation(tmp_path: Path, mo
 def test_cached_digits_split_is_scikit_learns_split(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fresh = D._split_digits(3)
     D._load_digits(3)  # computes and stores
-    monkeypatch.setattr(D, "_split_digits", lambda seed: pytest.fail("the stored split was not used"))
+    import sklearn.model_selection
+
+    monkeypatch.setattr(sklearn.model_selection, "train_test_split",
+                        lambda *a, **k: pytest.fail("the stored split was not used"))
     stored = D._load_digits(3)
     for name in ("train_x", "train_y", "test_x", "test_y"):
         got = getattr(stored, name).numpy()
@@ -107,7 +110,10 @@ def test_cached_partitions_are_the_partitioners_own(cache: Path, monkeypatch: py
     fresh = D._compute_partitions(data, 7, partitioning, 0.3, 2, 1)
     first = D.partition_indices(data, 7, partitioning, seed=1)
     D._PARTITION_CACHE.clear()  # as in a fresh process
-    monkeypatch.setattr(D, "_compute_partitions", lambda *a: pytest.fail("the stored partitions were not used"))
+    import datasets
+
+    monkeypatch.setattr(datasets.Dataset, "from_dict",
+                        lambda *a, **k: pytest.fail("the stored partitions were not used"))
     second = D.partition_indices(data, 7, partitioning, seed=1)
     for parts in (first, second):
         assert len(parts) == 7
@@ -121,3 +127,24 @@ def test_overlapping_stored_partitions_are_rejected() -> None:
         D._check_partitions(arrays, 2, 10)
     with pytest.raises(ValueError, match="offsets"):
         D._check_partitions({"indices": np.arange(4), "offsets": np.array([0, 3])}, 2, 10)
+
+
+def test_a_folder_that_cannot_be_resolved_only_costs_the_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(C, "cache_dir", no_home)
+    assert np.array_equal(C.cached_arrays({"k": 1}, lambda: {"a": np.arange(3)})["a"], np.arange(3))
+
+
+def test_the_key_covers_numpy_and_the_computing_code(cache: Path) -> None:
+    def one():
+        return 1
+
+    def two():
+        return 2
+    assert C.source_fingerprint(one) != C.source_fingerprint(two)
+    assert C.source_fingerprint(one) == C.source_fingerprint(one)
+    C.cached_arrays({"k": 1}, lambda: {"a": np.arange(3)})
+    (entry,) = cache.glob("*.npz")
+    with np.load(entry) as stored:
+        assert f'"numpy": "{np.__version__}"' in str(stored["__key__"])
