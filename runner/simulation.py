@@ -165,15 +165,24 @@ def _follow(session: _Session, cli: subprocess.Popen[str], reader: threading.Thr
             deadline: float, timeout: float) -> tuple[str | None, dict[str, Any] | None, str | None]:
     """Wait for the run: (run id, Flower's status record, failure or None).
 
-    Once ``flwr run --stream`` has ended (every streamed line delivered), a final record that says
-    ``completed`` skips asking Flower for the run's status (a ``flwr list``, about 2 s): the session is torn
-    down right after, and the results file decides the outcome (:func:`.results.judge_run`)."""
-    rc = None
+    A final record that says ``completed`` ends the wait once the stream has been quiet for
+    :data:`DRAIN_SECONDS` (the ServerApp writes that record last, and its last log lines arrive within a
+    second): neither ``flwr run --stream``'s own wind-down (Ray shutting down, Flower's log polling: about
+    3 s) nor Flower's run status (a ``flwr list``, about 2 s) is waited for; the session is torn down right
+    after, and the results file decides the outcome (:func:`.results.judge_run`). Any other ending waits
+    for the stream's end, then for Flower's status, at most :data:`FINAL_GRACE` after the final record."""
+    rc, drained = None, False
+    seen, quiet_since = 0, time.monotonic()
     while (rc := cli.poll()) is None and time.monotonic() < deadline and not grace():
         time.sleep(0.5)
+        if len(session.lines) != seen:
+            seen, quiet_since = len(session.lines), time.monotonic()
+        elif time.monotonic() - quiet_since >= DRAIN_SECONDS and grace.completed():
+            drained = True
+            break
     reader.join(timeout=5 if rc is not None else 0.1)
     run_id = run_id_in(session.lines)
-    if rc is not None and run_id is not None and grace.completed():
+    if (rc is not None or drained) and run_id is not None and grace.completed():
         return run_id, None, None
     if rc is None and not grace():
         return run_id, None, f"timed out after {timeout:.0f} s"
@@ -186,6 +195,10 @@ def _follow(session: _Session, cli: subprocess.Popen[str], reader: threading.Thr
         log.warning("run %s: Flower did not report it finished within %.0f s of the ServerApp's final record; "
                     "stopping its processes", run_id, FINAL_GRACE)
     return run_id, info, None
+
+
+DRAIN_SECONDS = 1.5
+"""Quiet stream after a completed final record that ends a simulation run (see :func:`_follow`)."""
 
 
 # ----------------------------------------------------------------------- run
