@@ -11,15 +11,11 @@ scenario it started has ended (each stops its own processes).
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
-
-_EARLY_KEY = pytest.StashKey[dict]()
-"""``config.stash`` key: the early subprocesses (:func:`pytest_collection_modifyitems`), by name."""
 
 
 class Scenarios:
@@ -55,37 +51,3 @@ def scenarios(request: pytest.FixtureRequest):
         yield runner
     finally:
         runner.close()
-
-
-# A test module may declare ``EARLY_SUBPROCESS = (name, argv, kwargs)``: a single-threaded subprocess whose
-# output its tests check (a quick benchmark). It starts when collection ends, if a test of the module was
-# selected, and so runs on the second core while the first modules' tests run; the module's fixture then
-# collects it with :func:`early_result`. Nothing about what the tests assert changes.
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    started: dict[str, tuple[subprocess.Popen[str], float]] = {}
-    for module in {item.module for item in items if hasattr(item, "module")}:
-        spec = getattr(module, "EARLY_SUBPROCESS", None)
-        if spec is not None:
-            name, argv, kwargs = spec(config)
-            timeout = kwargs.pop("timeout")
-            started[name] = (subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                              **kwargs), timeout)
-    config.stash[_EARLY_KEY] = started
-
-
-def early_result(config: pytest.Config, name: str) -> subprocess.CompletedProcess[str]:
-    """Wait for the early subprocess ``name`` (killed after its timeout) and return its outcome."""
-    proc, timeout = config.stash[_EARLY_KEY][name]
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    for proc, _ in config.stash.get(_EARLY_KEY, {}).values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

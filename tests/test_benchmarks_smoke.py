@@ -9,33 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import early_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def EARLY_SUBPROCESS(config: pytest.Config) -> tuple[str, list[str], dict]:
-    """Started when collection ends (tests/conftest.py): single-threaded, it runs beside the first modules."""
-    out = Path(tempfile.mkdtemp(prefix="bench-savings-"))
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    argv = [sys.executable, "-m", "benchmarks.bench_savings", "--quick", "--out", str(out)]
-    return "bench_savings", argv, {"cwd": ROOT, "env": env, "timeout": 300}  # timeout: a loaded 2-core host
-
-
 @pytest.fixture(scope="module")
-def quick_run(pytestconfig: pytest.Config) -> tuple[str, dict, str]:
-    proc = early_result(pytestconfig, "bench_savings")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_savings", "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,  # a loaded 2-core host
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = Path(proc.args[proc.args.index("--out") + 1])
-    results, markdown = json.loads((out / "savings.json").read_text()), (out / "savings.md").read_text()
-    shutil.rmtree(out, ignore_errors=True)
-    return proc.stdout, results, markdown
+    results = json.loads((out / "savings.json").read_text())
+    return proc.stdout, results, (out / "savings.md").read_text()
 
 
 def test_prints_and_writes_every_table(quick_run):
