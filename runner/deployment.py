@@ -246,9 +246,9 @@ class LoopbackFederation:
         procs = self.processes()
         for pid, start in procs.items():
             # read every scan: a process caught between fork and exec shows no or its parent's command line
-            cmd = cmdline(pid)
-            if pid not in self._seen or self._seen[pid][0] != start or cmd:
-                self._seen[pid] = (start, cmd or self._seen.get(pid, (start, ""))[1])
+            cmd, (seen_start, seen_cmd) = cmdline(pid), self._seen.get(pid, (None, ""))
+            if seen_start != start or cmd:  # a recycled pid never inherits the old process's command line
+                self._seen[pid] = (start, cmd or (seen_cmd if seen_start == start else ""))
         return procs
 
     @property
