@@ -59,8 +59,8 @@ from types import TracebackType
 from typing import Any
 
 from runner.common import (ANSI, LauncherError, LineSink, connection_config, console_script, emit, file_text,
-    free_port, json_in, launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, start_on_free_port,
-    tail, wait_finished, wait_healthy)
+    free_port, json_in, launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, stage_app,
+    start_on_free_port, tail, wait_finished, wait_healthy)
 from runner.processes import cmdline, is_alive, our_processes, stop_all
 from runner.results import (  # noqa: F401 - load_results re-exported for callers of this module
     RESULTS_PATTERN, FinalGrace, find_results, judge_run, load_results, report, run_candidates)
@@ -503,7 +503,8 @@ class LoopbackFederation:
         cfg_file = self.workdir / f"run-{index}-config.toml"
         cfg_file.write_text(toml_document(overrides))
         out_log = self.logs / f"flwr-run-{index}.log"
-        cmd = [console_script("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(cfg_file)]
+        staged = stage_app(app_dir, self.workdir / f"run-{index}-app")
+        cmd = [console_script("flwr"), "run", str(staged), CONNECTION, "--stream", "--run-config", str(cfg_file)]
         with out_log.open("wb") as fh:
             cli = subprocess.Popen(cmd, env=self.process_env(), cwd=self.home, stdin=subprocess.DEVNULL,
                                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,7 +7,8 @@ the run, and exits 0 even when the run failed. This launcher instead, per call:
    to a SuperLink that this call starts itself (``flower-superlink --insecure
    --simulation``) on a free loopback port, with runtime dependency
    installation disabled (works offline);
-2. runs ``flwr run <app_dir> <connection> --stream`` with the run-config
+2. runs ``flwr run <app_dir> <connection> --stream`` (on a copy of the app that
+   holds only its FAB's files: ``runner.common.stage_app``) with the run-config
    overrides (written as a TOML file, so any string value is safe) and the
    federation size, passing every output line to ``stream_to``;
 3. waits until Flower reports the run finished, then finds the
@@ -52,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.common import (ANSI, LauncherError, LineSink, connection_config, console_script, emit, file_tail,
-    launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, start_on_free_port, tail, wait_finished,
-    wait_healthy)
+    launcher_env, progress_printer, run_id_in, run_status_args, run_status_in, stage_app, start_on_free_port, tail,
+    wait_finished, wait_healthy)
 from runner.processes import stop_all
 from runner.results import (  # noqa: F401 - re-exported: the launcher's public names
     FINAL_GRACE, RESULTS_PATTERN, FinalGrace, final_record, find_results, judge_run, load_results, not_completed,
@@ -127,7 +128,8 @@ class _Session:
                   stream_to: LineSink | None) -> tuple[subprocess.Popen[str], threading.Thread]:
         """``flwr run --stream``, its output pumped into :attr:`lines` and ``stream_to`` by a thread."""
         (self.home / "overrides.toml").write_text(toml_document(overrides))
-        cmd = [console_script("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+        staged = stage_app(app_dir, self.home / "app")
+        cmd = [console_script("flwr"), "run", str(staged), CONNECTION, "--stream",
                "--run-config", str(self.home / "overrides.toml"), "--federation-config", fed_config]
         cli = subprocess.Popen(cmd, env=self.env, cwd=self.home, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
