@@ -90,6 +90,11 @@ class StrategyState:
                 "scores": self.scores if self.scores is not None else {}, "history": json.dumps(self.history)}
 
 
+DEFAULTS_WHEN_ADDED: dict[str, Any] = {"min_output_density": 0.0, "value_precision": "float32"}
+"""Options added with a default that later changed (the switch to the lean defaults, issue #14): a checkpoint
+written before such an option existed ran under this value, not under today's default."""
+
+
 def restore_strategy_state(payload: Mapping[str, Any], config: AutoFLIPConfig,
                            shapes: Mapping[str, tuple[int, ...]]) -> StrategyState:
     """A :meth:`StrategyState.payload` read back for a run under ``config`` with tensors ``shapes``.
@@ -100,8 +105,8 @@ def restore_strategy_state(payload: Mapping[str, Any], config: AutoFLIPConfig,
     if lacks:
         raise CheckpointError(f"checkpoint lacks {lacks}: not written by this strategy")
     saved, mine = json.loads(payload["config"]), asdict(config)
-    # An option the checkpoint lacks did not exist when it was written: that run used its default.
-    saved = {**asdict(type(config)()), **saved}
+    # An option the checkpoint lacks did not exist when it was written: that run used its default then.
+    saved = {**asdict(type(config)()), **DEFAULTS_WHEN_ADDED, **saved}
     differs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in sorted(mine)
                if k not in RESUME_NEUTRAL and saved.get(k) != mine[k]]
     state = payload["state"]

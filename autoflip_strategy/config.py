@@ -71,6 +71,10 @@ def resolve_sparsity_initial(sparsity: float, sparsity_initial: float) -> float:
     return sparsity_initial
 
 
+AUTO = "auto"
+"""Declared default of ``value-precision``: each method's own precision (:attr:`.scoring.Method.value_precision`)."""
+
+
 def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
            high: float | None = None, high_open: bool = False) -> Any:
     """An :class:`AutoFLIPConfig` field declared once: its default and what its run-config key accepts
@@ -86,16 +90,16 @@ class AutoFLIPConfig:
     strategy: str = option("autoflip", "Method: AutoFLIP, plain FedAvg, a random mask fixed once, PruneFL-style "
         "global magnitude pruning, SNIP at initialisation (explorers' |g·θ₀|, fixed) or HideNseek (server-side "
         "SynFlow mask, sign supermask).", choices=tuple(METHODS))
-    sparsity: float = option(0.5, "Fraction of all prunable weights removed (units and single weights together); "
+    sparsity: float = option(0.6, "Fraction of all prunable weights removed (units and single weights together); "
         "final density is 1 - sparsity.", low=0.0, high=1.0, high_open=True)
-    structured_sparsity: float = option(0.2, "Fraction of units (filters, neurons, LSTM units) removed from every "
+    structured_sparsity: float = option(0.3, "Fraction of units (filters, neurons, LSTM units) removed from every "
         "prunable layer.", low=0.0, high=1.0, high_open=True)
     sparsity_initial: float = option(SAME_AS_SPARSITY, "Sparsity in round 1 when a ramp is configured (structured "
         "sparsity ramps in proportion); -1: same as sparsity.", low=-1.0, high=1.0, high_open=True)
     sparsity_ramp_rounds: int = option(0, "Rounds over which sparsity ramps linearly from sparsity-initial to "
         "sparsity (0: no ramp).", low=0)
     regrowth: bool = option(False, "Allow weights pruned in an earlier round to come back.")
-    min_output_density: float = option(0.0, "Share of each fixed output's (classifier row's) remaining fan-in that "
+    min_output_density: float = option(0.5, "Share of each fixed output's (classifier row's) remaining fan-in that "
         "the unstructured part always keeps, by guidance (0: pure global ranking, which empties rows on "
         "Shakespeare).", low=0.0, high=1.0)
     layer_budget: str = option("global", "How the unstructured budget is split across tensors: one global ranking, "
@@ -103,17 +107,19 @@ class AutoFLIPConfig:
         "within itself.", choices=("global", "uniform", "erk"))
     synflow_iterations: int = option(100, "HideNseek: SynFlow pruning steps at initialisation (density falls "
         "exponentially over them; 1: one-shot).", low=1)
-    explore_fraction: float = option(1.0, "Fraction of available clients that explore before round 1.",
+    explore_fraction: float = option(0.1, "Fraction of available clients that explore before round 1 (at "
+        "least one).",
         low=0.0, high=1.0)
     explore_epochs: int = option(3, "Maximum local epochs of exploration.", low=1)
     explore_patience: int = option(1, "Stop exploring after this many epochs without a lower epoch-mean loss.", low=1)
     explore_weighting: str = option("examples", "Weight local guidance matrices by example count or uniformly.",
         choices=("examples", "uniform"))
-    guidance_precision: str = option("float32", "Precision of exploration uplink (float16 is scaled per tensor).",
+    guidance_precision: str = option("float16", "Precision of exploration uplink (float16 is scaled per tensor).",
         choices=("float32", "float16"))
-    value_precision: str = option("float32", "Precision of the kept weight values on the wire, both directions: "
+    value_precision: str = option(AUTO, "Precision of the kept weight values on the wire, both directions: "
         "float16 or int8 codes with one float32 scale per 64 values (int8 uplink: stochastic rounding and error "
-        "feedback); the server keeps float32 weights.", choices=("float32", "float16", "int8"))
+        "feedback); the server keeps float32 weights. auto: the method's own (int8 for autoflip, float32 for "
+        "the baselines).", choices=(AUTO, "float32", "float16", "int8"))
     guidance_norm: str = option("mean", "Per-tensor normalisation of guidance before the global ranking.",
         choices=("mean", "max", "none"))
     guidance_score: str = option("deviation", "What the mask ranks: the (refreshed) guidance itself, the paper's "
@@ -149,6 +155,8 @@ class AutoFLIPConfig:
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
         parse_options(values, STRATEGY_OPTIONS)
         object.__setattr__(self, "sparsity_initial", resolve_sparsity_initial(self.sparsity, self.sparsity_initial))
+        if self.value_precision == AUTO:
+            object.__setattr__(self, "value_precision", METHODS[self.strategy].value_precision)
         if self.sparsity_ramp_rounds > 0 and self.sparsity_initial > self.sparsity:
             raise ConfigError("sparsity-initial: must not exceed sparsity when a ramp is configured")
         if METHODS[self.strategy].signs and self.value_precision != "float32":

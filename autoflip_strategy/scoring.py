@@ -42,6 +42,9 @@ What the strategy asks (and when)
 ``initial_mask(state)``
     ``(scores, mask)`` computed directly, before the first mask, instead of ranking ``round_scores``
     once (HideNseek's iterative SynFlow prunes through many masks). Default: ``None``.
+``value_precision``
+    The values' wire precision when the ``value-precision`` option is ``auto`` (its default). Default:
+    float32, as the baselines' papers send; AutoFLIP's is int8 (docs/evidence.md, "Savings").
 ``signs``
     The model travels as sign bits (:mod:`.signs`): float32 values only on a node's first delivery of
     a mask version (the magnitudes it keeps), then the global signs down and the clients' signs up,
@@ -94,6 +97,7 @@ class Method:
     fixed: ClassVar[bool] = False
     ramps: ClassVar[bool] = True
     signs: ClassVar[bool] = False
+    value_precision: ClassVar[str] = "float32"
 
     def __init__(self, context: MethodContext) -> None:
         self.context = context
@@ -136,6 +140,7 @@ class GuidanceMethod(Method):
 
     name = "autoflip"
     explores = True
+    value_precision = "int8"
 
     def refresh(self, scores: Tensors, stats: G.UpdateStatistics) -> Tensors:
         c = self.context.config

@@ -118,6 +118,25 @@ def test_presets_ship_as_run_config_profiles_and_suite_methods():
         AutoFLIPConfig.preset("nope")
 
 
+def test_the_defaults_are_the_lean_preset_with_each_methods_own_value_precision():
+    """Issue #14: the evidence picked lean as the default; value-precision "auto" is int8 for AutoFLIP and
+    float32 for the baselines (HideNseek accepts nothing else)."""
+    from autoflip_strategy.config import PRESETS
+
+    default = AutoFLIPConfig()
+    assert all(getattr(default, k.replace("-", "_")) == v for k, v in PRESETS["lean"].items())
+    declared = {o.key: o.default for o in STRATEGY_OPTIONS}
+    assert declared["value-precision"] == "auto"
+    precision = {m: AutoFLIPConfig(strategy=m).value_precision for m in ("autoflip", "fedavg", "random", "magnitude",
+                                                                        "snip", "hidenseek")}
+    assert precision == {"autoflip": "int8", "fedavg": "float32", "random": "float32", "magnitude": "float32",
+                         "snip": "float32", "hidenseek": "float32"}
+    assert AutoFLIPConfig.from_run_config({**declared, "strategy": "magnitude"}).value_precision == "float32"
+    assert AutoFLIPConfig(strategy="magnitude", value_precision="int8").value_precision == "int8"
+    with pytest.raises(ConfigError, match="hidenseek sends sign bits"):
+        AutoFLIPConfig(strategy="hidenseek", value_precision="int8")
+
+
 def test_run_config_profile_files_parse_like_flwr_run(tmp_path):
     from runner.runconfig import parse_overrides
 

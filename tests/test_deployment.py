@@ -50,6 +50,7 @@ BASE_CONFIG = {
     "min-available-nodes": NODES,
     "min-train-nodes": NODES,
     "sparsity": SPARSITY,
+    "explore-fraction": 1.0,  # every node takes part in every stage (the default explores on 10 %, at least one)
     "seed": 0,
 }
 # ClientApps of the nodes share 2 cores: one thread each avoids oversubscription.

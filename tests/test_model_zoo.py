@@ -27,6 +27,7 @@ from autoflip_strategy import AutoFLIP, AutoFLIPClient, AutoFLIPConfig, TrainOut
 from autoflip_strategy.compact import compact_model
 from autoflip_strategy.intake import intake_model, masked_copy, random_unit_mask
 from autoflip_strategy.geometry import kept_entries
+from former_defaults import FORMER_DEFAULTS
 from model_zoo import ZOO
 from runner.inprocess import InProcessGrid
 
@@ -102,8 +103,9 @@ def _data(x: torch.Tensor, classes: int, partition: int) -> tuple[torch.Tensor, 
 
 def test_two_round_federation_prunes_keeps_ties_and_sends_the_kept_share(zoo):
     name, model, x, classes, _ = zoo
-    strategy = AutoFLIP(model, x, AutoFLIPConfig(sparsity=0.5, structured_sparsity=0.25, explore_epochs=1,
-                                                 fraction_train=1.0, min_available_nodes=2, seed=0),
+    strategy = AutoFLIP(model, x, AutoFLIPConfig(**{**FORMER_DEFAULTS, "sparsity": 0.5, "structured_sparsity": 0.25,
+                                                    "explore_epochs": 1, "fraction_train": 1.0,
+                                                    "min_available_nodes": 2, "seed": 0}),
                         train_config={"local-epochs": 1})
     checks: list[str] = []
 

@@ -14,6 +14,7 @@ from autoflip_strategy.masks import apply_mask
 from autoflip_strategy.quantise import (BLOCK, CODE_MAX, block_scales, dequantise, num_blocks, quantise,
                                         quantise_with_feedback, value_bits)
 from models_under_test import ALL, masked_layout
+from former_defaults import FORMER_DEFAULTS
 
 HEADER = 128  # np.save header of one Flower Array
 
@@ -166,8 +167,8 @@ def run(**cfg):
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model("cnn", shape, 10).state_dict())
     grid = InProcessGrid(client_app, 6, {"local-epochs": 1}, wire=True)
-    config = AutoFLIPConfig(explore_epochs=1, fraction_train=0.5, sparsity=0.5, structured_sparsity=0.2, seed=3,
-                            **cfg)
+    config = AutoFLIPConfig(**{**FORMER_DEFAULTS, "explore_epochs": 1, "fraction_train": 0.5, "sparsity": 0.5,
+                               "structured_sparsity": 0.2, "seed": 3, **cfg})
     strategy = AutoFLIP(build_model("cnn", shape, 10), example_input(shape, 10), config,
                         train_config={"local-epochs": 1})
     return strategy, strategy.start(grid, arrays, num_rounds=2), grid

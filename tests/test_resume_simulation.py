@@ -38,8 +38,10 @@ from runner.simulation import MARKER_VAR, load_results, run_simulation, toml_val
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 12  # rounds take ~0.5 s on a quiet machine: the killed run must not finish while it stops
+# float32 values: at int8 (the default) the clients' error-feedback residuals live in their context.state,
+# which a resumed run starts afresh, so it continues from the same model but is not bit-identical.
 CONFIG = {"num-server-rounds": ROUNDS, "explore-epochs": 1, "local-epochs": 1, "partitioning": "iid",
-          "run-name": "r", "seed": 3}
+          "run-name": "r", "seed": 3, "value-precision": "float32"}
 
 
 def _lost_replies(results_path: Path) -> list[dict]:

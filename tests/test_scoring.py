@@ -6,6 +6,7 @@ from autoflip_strategy.config import STRATEGY_OPTIONS, AutoFLIPConfig
 from autoflip_strategy.masks import compute_hybrid_mask
 from autoflip_strategy.scoring import METHODS, Method, MethodContext, build_method, round_mask
 from autoflip_strategy.structure import discover_structure
+from former_defaults import FORMER_DEFAULTS
 from models_under_test import cnn
 
 
@@ -17,7 +18,7 @@ def model_and_structure():
 
 def method(model_and_structure, **settings) -> Method:
     model, x, s = model_and_structure
-    return build_method(MethodContext(AutoFLIPConfig(**settings), s, model, x))
+    return build_method(MethodContext(AutoFLIPConfig(**{**FORMER_DEFAULTS, **settings}), s, model, x))
 
 
 def state_of(model_and_structure):

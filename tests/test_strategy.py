@@ -17,6 +17,7 @@ from autoflip_task.models import build_model, example_input
 from autoflip_task.training import evaluate
 from client_app.app import app as client_app
 from runner.inprocess import InProcessGrid
+from former_defaults import FORMER_DEFAULTS
 
 SHAPE = (1, 8, 8)
 
@@ -39,7 +40,7 @@ def central_eval():
 
 
 def run(rounds=3, nodes=6, faults=None, evaluate_fn=None, checkpoint=None, resume=False, arrays=None, **cfg):
-    cfg = {"explore_epochs": 1, "fraction_train": 0.5, **cfg}
+    cfg = {**FORMER_DEFAULTS, "explore_epochs": 1, "fraction_train": 0.5, **cfg}
     grid = InProcessGrid(client_app, nodes, {"local-epochs": 1}, faults=faults)
     strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), AutoFLIPConfig(**cfg),
                         train_config={"local-epochs": 1}, checkpoint=checkpoint)
@@ -242,7 +243,7 @@ def test_flowers_own_start_explores_prunes_and_reports_bytes_in_the_result():
     """Flower's base ``Strategy.start`` drives exploration and masks through the hooks alone."""
     grid = InProcessGrid(client_app, 6, {"local-epochs": 1})
     strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), fraction_train=0.5,
-                        fraction_evaluate=0.0, explore_epochs=1, sparsity=0.6)
+                        fraction_evaluate=0.0, explore_epochs=1, **{**FORMER_DEFAULTS, "sparsity": 0.6})
     result = Strategy.start(strategy, grid, theta0(), num_rounds=2)
     assert [r["phase"] for r in strategy.history] == ["explore", "train", "train"]
     assert sum(1 for _, t in grid.delivered if t == P.EXPLORE) == 6
@@ -259,7 +260,7 @@ def test_differential_privacy_wrapper_composes_and_pruning_stays_intact():
     """Flower's server-side DP clips the (dense-transport) replies against the masked global model."""
     grid = InProcessGrid(client_app, 6, {"local-epochs": 1})
     strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), fraction_train=0.5,
-                        fraction_evaluate=0.0, explore_epochs=1, transport="dense")
+                        fraction_evaluate=0.0, explore_epochs=1, transport="dense", **FORMER_DEFAULTS)
     dp = DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=0.01, clipping_norm=5.0,
                                                     num_sampled_clients=3)
     result = dp.start(grid, theta0(), num_rounds=3)
@@ -356,7 +357,8 @@ def test_user_config_reaches_the_functions_alone_and_local_epochs_follow_the_run
     SEEN.clear()
     grid = InProcessGrid(_capturing_client(), 2, {"local-epochs": 3})
     strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), explore_epochs=1,
-                        run_config={"lr": 0.1}, train_config={"batch": 4}, evaluate_config={"split": "val"})
+                        run_config={"lr": 0.1}, train_config={"batch": 4}, evaluate_config={"split": "val"},
+                        **FORMER_DEFAULTS)
     result = strategy.start(grid, theta0(), num_rounds=1, train_config=ConfigRecord({"mine": 1}))
     train = [cfg for phase, _, cfg in SEEN if phase == "train"]
     assert train == [{"lr": 0.1, "batch": 4, "mine": 1, "server-round": 1}] * 2
@@ -399,7 +401,7 @@ def test_fedavgs_record_keys_are_honoured_end_to_end():
     grid = InProcessGrid(_capturing_client(), 2)
     strategy = AutoFLIP(build_model("cnn", SHAPE, 10), example_input(SHAPE, 10), explore_epochs=1,
                         fraction_evaluate=0.0, weighted_by_key="n", arrayrecord_key="a", configrecord_key="c",
-                        train_config={"lr": 0.1})
+                        train_config={"lr": 0.1}, **FORMER_DEFAULTS)
     result = strategy.start(grid, theta0(), num_rounds=1)
     assert [cfg for phase, _, cfg in SEEN if phase == "train"] == [{"lr": 0.1, "server-round": 1}] * 2
     assert all(len(r["replied"]) == 2 and not r["rejected"] for r in strategy.history)
