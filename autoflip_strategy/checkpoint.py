@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import RESUME_NEUTRAL, AutoFLIPConfig
+from .config import DEFAULTS_WHEN_ADDED, RESUME_NEUTRAL, AutoFLIPConfig
 from .masks import HybridMask
 
 
@@ -88,11 +88,6 @@ class StrategyState:
         return {"round": self.round, "config": json.dumps(asdict(self.config), sort_keys=True), "state": self.state,
                 "mask_units": self.mask.units, "mask_weights": self.mask.weights, "mask_version": self.mask_version,
                 "scores": self.scores if self.scores is not None else {}, "history": json.dumps(self.history)}
-
-
-DEFAULTS_WHEN_ADDED: dict[str, Any] = {"min_output_density": 0.0, "value_precision": "float32"}
-"""Options added with a default that later changed (the switch to the lean defaults, issue #14): a checkpoint
-written before such an option existed ran under this value, not under today's default."""
 
 
 def restore_strategy_state(payload: Mapping[str, Any], config: AutoFLIPConfig,

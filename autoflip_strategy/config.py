@@ -207,6 +207,10 @@ FEDAVG_DEFAULTS: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1
                                    "min_evaluate_nodes": 2, "min_available_nodes": 2}
 """What ``FedAvg()`` uses: an :class:`~.strategy.AutoFLIP` built without ``config`` samples like FedAvg."""
 
+DEFAULTS_WHEN_ADDED: dict[str, Any] = {"min_output_density": 0.0, "value_precision": "float32"}
+"""Options added with a default that later changed (the switch to the lean defaults, issue #14): a run recorded
+before such an option existed ran under this value, not under today's default (checkpoint and results checks)."""
+
 RESUME_NEUTRAL = frozenset({"round_timeout", "max_failed_rounds", "handshake_timeout"})
 """Settings a resumed run may change: they decide when to give up, not what the model becomes."""
 
@@ -224,9 +228,12 @@ def resolve_config(base: AutoFLIPConfig | None, run_config: Mapping[str, Any] | 
     unknown = sorted(set(explicit) - names)
     if unknown:
         raise TypeError(f"AutoFLIP got unknown settings {unknown}; known: {sorted(names)}")
-    values = asdict(base) if base is not None else {**asdict(AutoFLIPConfig()), **FEDAVG_DEFAULTS}
+    declared = {o.key.replace("-", "_"): o.default for o in STRATEGY_OPTIONS}  # sentinels unresolved
+    values = asdict(base) if base is not None else {**declared, **FEDAVG_DEFAULTS}
     if base is not None and base.sparsity_initial == base.sparsity:
         values["sparsity_initial"] = SAME_AS_SPARSITY  # a ramp start that followed sparsity keeps following it
+    if base is not None and base.value_precision == METHODS[base.strategy].value_precision:
+        values["value_precision"] = AUTO  # a method's own precision follows the method (strategy= may change)
     picked = parse_options({k: v for k, v in (run_config or {}).items() if k in _KEYS}, STRATEGY_OPTIONS, strict=True)
     given = {k.replace("-", "_"): picked[k] for k in (run_config or {}) if k in _KEYS}
     values.update(given)

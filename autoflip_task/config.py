@@ -11,12 +11,15 @@ from typing import Any
 
 import autoflip_strategy.config as _strategy_config
 from autoflip_strategy.config import (
+    AUTO,
+    DEFAULTS_WHEN_ADDED,
     STRATEGY_OPTIONS,
     AutoFLIPConfig,
     ConfigError,
     Option,
     parse_options,
 )
+from autoflip_strategy.scoring import METHODS
 
 from .data import DATASETS, PARTITIONINGS
 from .models import MODELS
@@ -82,7 +85,9 @@ def app_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     values["run-name"] = check_run_name(values["run-name"])
     if values["resume"] and not values["run-name"]:
         raise ConfigError("resume: needs run-name, the folder under output-dir of the run to continue")
-    values["sparsity-initial"] = AutoFLIPConfig.from_run_config(values).sparsity_initial  # the strategy's rule
+    strategy = AutoFLIPConfig.from_run_config(values)  # the strategy's rules for its sentinels
+    values["sparsity-initial"] = strategy.sparsity_initial
+    values["value-precision"] = strategy.value_precision
     return values
 
 
@@ -90,11 +95,14 @@ def model_settings_changes(stored: Mapping[str, Any], current: Mapping[str, Any]
     """``key: was -> now`` for every key outside :data:`NEUTRAL_KEYS` whose value differs.
 
     ``stored`` is a run's recorded config; a key it lacks was added later, so that run used
-    the key's default (the same rule as the strategy's checkpoint check)."""
+    the key's default of then (the same rule as the strategy's checkpoint check)."""
     defaults = app_config({})
-    old = {**defaults, **stored}
+    when_added = {k.replace("_", "-"): v for k, v in DEFAULTS_WHEN_ADDED.items()}
+    old = {**defaults, **when_added, **stored}
     if "sparsity-initial" not in stored:  # recorded before the key existed: it started at the target
         old["sparsity-initial"] = old["sparsity"]
+    if old.get("value-precision") == AUTO:  # recorded unresolved: the stored method's own
+        old["value-precision"] = METHODS[old["strategy"]].value_precision
     return [f"{k}: {old[k]!r} -> {current[k]!r}" for k in sorted(current)
             if k not in NEUTRAL_KEYS and k in old and old[k] != current[k]]
 

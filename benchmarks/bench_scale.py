@@ -165,7 +165,10 @@ def base_config(s: Settings, dataset: str, data_dir: str, n: int, strategy: str 
             "batch-size": s.batch_size, "max-eval-examples": s.max_eval_examples,
             "fraction-train": s.per_round / n, "min-train-nodes": s.per_round,
             "explore-fraction": s.explorers / n, "min-available-nodes": n, "seed": 0, "run-name": "run",
-            "handshake-max-nodes": s.handshake_max_nodes}
+            "handshake-max-nodes": s.handshake_max_nodes,
+            # the strategy settings of the recorded tables (docs/operations.md), made before the lean defaults
+            "sparsity": 0.5, "structured-sparsity": 0.2, "guidance-precision": "float32",
+            "value-precision": "float32", "min-output-density": 0.0}
 
 
 def measure_run(s: Settings, cfg: dict[str, Any], n: int, out: Path, head: RayHead | None,

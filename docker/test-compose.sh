@@ -339,8 +339,8 @@ if [ "$TIMING_ROUNDS" -gt 0 ]; then
     COMMON="$COMMON explore-fraction=0.34 explore-epochs=1"
     declare -A TIMING
     for spec in "fedavg|strategy='fedavg'" \
-                "autoflip|strategy='autoflip'" \
-                "autoflip-s0.5|strategy='autoflip' structured-sparsity=0.5"; do
+                "autoflip|strategy='autoflip' sparsity=0.5 structured-sparsity=0.2 value-precision='float32'" \
+                "autoflip-s0.5|strategy='autoflip' sparsity=0.5 structured-sparsity=0.5 value-precision='float32'"; do
         label="${spec%%|*}"
         log "timing run $label ($TIMING_ROUNDS rounds, 1 client/round, cpus=$EDGE_CPUS mem=$EDGE_MEM)"
         TIMING[$label]="$(run_app "e2e-time-$label" "$COMMON ${spec#*|}" 1800)" || die "timing run $label failed"

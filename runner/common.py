@@ -11,7 +11,6 @@ for a run's status; and wait for Flower to report a run finished. One copy here.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -22,15 +21,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from flwr.cli.build import build_fab_from_files
-from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+from flwr.cli.build import build_fab_from_disk, build_fab_from_files
+from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
 
 QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -106,39 +103,38 @@ def connection_config(name: str, address: str, root_certificates: Path | None = 
 
 # -------------------------------------------------------------------- app
 def stage_app(app_dir: Path, into: Path) -> Path:
-    """A copy of ``app_dir`` under ``into`` holding only the files of its FAB, for ``flwr run``.
+    """A copy of ``app_dir`` at ``into/<its name>`` that Flower builds into the same FAB, for ``flwr run``.
 
     ``flwr run <folder>`` walks the whole folder (a ``.venv`` inside a checkout is ~50,000 files, about 6 s
     of CPU per run) before its ``.gitignore`` and ``fab-include`` rules drop nearly all of it. Here the walk
-    skips the folders ``.gitignore`` excludes, Flower's own ``build_fab_from_files`` picks the files, and
-    those are copied (``pyproject.toml`` and ``.gitignore`` as they are), so Flower builds the same FAB from
-    the copy. When ``.gitignore`` re-includes paths (``!`` patterns), or Flower rejects the app, the original
-    folder is returned and ``flwr run`` reports on it itself."""
+    skips the folders ``.gitignore`` excludes and copies what Flower's own publish rules keep (so
+    ``fab-include`` / ``fab-exclude`` patterns resolve against the same files); the copy is used only if
+    Flower builds a byte-identical FAB from it. Otherwise (``!`` patterns in ``.gitignore``, an app Flower
+    rejects, any difference) the original folder is returned and ``flwr run`` reports on it itself."""
     app_dir = Path(app_dir).resolve()
-    with warnings.catch_warnings():  # pathspec deprecates the pattern name Flower uses: not ours to fix
-        warnings.simplefilter("ignore", DeprecationWarning)
+    staged = Path(into) / app_dir.name
+    try:
         files = _unignored_files(app_dir)
         if files is None:
             return app_dir
-        try:
-            fab, _ = build_fab_from_files(files)
-        except Exception:  # Flower's own `flwr run` gives the user its message for this app
-            return app_dir
-    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
-        chosen = [n for n in bundle.namelist() if n != ".info/CONTENT"] + [".gitignore"]
-    staged = Path(into) / app_dir.name
-    for name in chosen:
-        if name in files:
+        fab, _ = build_fab_from_files(files)
+        shutil.rmtree(staged, ignore_errors=True)  # a reused work folder must not keep files the app dropped
+        for name in filter_paths_for_publish(files):
             (staged / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(files[name], staged / name)
+        if build_fab_from_disk(staged) != fab:
+            return app_dir
+    except Exception:  # Flower's own `flwr run` gives the user its message for this app
+        return app_dir
     return staged
 
 
 def _unignored_files(app_dir: Path) -> dict[str, Path] | None:
-    """The app's files outside the folders its ``.gitignore`` excludes (relative POSIX path -> path);
-    None when ``.gitignore`` re-includes paths, which skipping a folder could get wrong."""
+    """The app's files outside the folders its ``.gitignore`` excludes (relative POSIX path -> path), as
+    Flower's ``collect_files`` would list them (no symlinks); None when ``.gitignore`` re-includes paths,
+    which skipping a folder could get wrong."""
     gitignore = app_dir / ".gitignore"
-    patterns = load_gitignore_patterns(gitignore) if gitignore.is_file() else []
+    patterns = load_gitignore_patterns(gitignore) if gitignore.is_file() and not gitignore.is_symlink() else []
     if any(p.lstrip().startswith("!") for p in patterns):
         return None
     ignored = build_pathspec(patterns)

@@ -6,6 +6,7 @@ import pytest
 
 from autoflip_strategy.config import STRATEGY_OPTIONS, AutoFLIPConfig, ConfigError
 from autoflip_task.config import ALL_OPTIONS, app_config
+from former_defaults import FORMER_RUN_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,11 +80,12 @@ def test_readme_documents_every_key_with_its_default():
 def test_resume_compares_every_model_shaping_key_and_nothing_else():
     from autoflip_task.config import NEUTRAL_KEYS, model_settings_changes
 
-    recorded = app_config({"local-epochs": 3, "seed": 4})
-    now = app_config({"local-epochs": 3, "seed": 4, "data-dir": "/elsewhere", "device": "cpu", "resume": True,
-                      "num-server-rounds": 50, "output-dir": "/other", "run-name": "x", "max-eval-examples": 7})
+    recorded = app_config({**FORMER_RUN_CONFIG, "local-epochs": 3, "seed": 4})
+    now = app_config({**FORMER_RUN_CONFIG, "local-epochs": 3, "seed": 4, "data-dir": "/elsewhere", "device": "cpu",
+                      "resume": True, "num-server-rounds": 50, "output-dir": "/other", "run-name": "x",
+                      "max-eval-examples": 7})
     assert model_settings_changes(recorded, now) == []
-    changed = app_config({"local-epochs": 3, "seed": 5, "model": "resnet", "weight-decay": 0.1})
+    changed = app_config({**FORMER_RUN_CONFIG, "local-epochs": 3, "seed": 5, "model": "resnet", "weight-decay": 0.1})
     assert model_settings_changes(recorded, changed) == ["model: 'auto' -> 'resnet'", "seed: 4 -> 5",
                                                          "weight-decay: 0.0 -> 0.1"]
     # A record from before a key existed counts as that key's default; sparsity-initial as sparsity.
@@ -135,6 +137,35 @@ def test_the_defaults_are_the_lean_preset_with_each_methods_own_value_precision(
     assert AutoFLIPConfig(strategy="magnitude", value_precision="int8").value_precision == "int8"
     with pytest.raises(ConfigError, match="hidenseek sends sign bits"):
         AutoFLIPConfig(strategy="hidenseek", value_precision="int8")
+
+
+def test_a_method_chosen_by_keyword_or_run_config_gets_its_own_value_precision():
+    """``AutoFLIP(model, x, strategy="magnitude")`` and a run config naming the method resolve ``auto`` for that
+    method, over the defaults or over a config whose precision was its method's own; an explicit one stays."""
+    from autoflip_strategy.config import resolve_config
+
+    assert resolve_config(None, None, {"strategy": "magnitude"}).value_precision == "float32"
+    assert resolve_config(None, None, {"strategy": "hidenseek"}).value_precision == "float32"  # no error
+    assert resolve_config(AutoFLIPConfig(), {"strategy": "fedavg"}, {}).value_precision == "float32"
+    assert resolve_config(AutoFLIPConfig(strategy="fedavg"), None, {"strategy": "autoflip"}).value_precision == "int8"
+    assert resolve_config(AutoFLIPConfig(value_precision="float16"), {"strategy": "magnitude"},
+                          {}).value_precision == "float16"
+    assert app_config({"strategy": "snip"})["value-precision"] == "float32"  # recorded resolved in results.json
+
+
+def test_resume_check_reads_old_records_under_the_defaults_they_ran_with():
+    """A record from before ``min-output-density`` / ``value-precision`` existed ran at 0.0 / float32, and a
+    record that says ``auto`` meant its own method's precision."""
+    from autoflip_task.config import model_settings_changes
+
+    old = {k: v for k, v in app_config({"strategy": "magnitude"}).items()
+           if k not in ("min-output-density", "value-precision")}
+    assert model_settings_changes(old, app_config({"strategy": "magnitude", "min-output-density": 0.0})) == []
+    assert model_settings_changes(old, app_config({"strategy": "magnitude"})) == ["min-output-density: 0.0 -> 0.5"]
+    recorded_auto = {**app_config({}), "value-precision": "auto"}
+    assert model_settings_changes(recorded_auto, app_config({})) == []
+    assert model_settings_changes(recorded_auto, app_config({"value-precision": "float32"})) == [
+        "value-precision: 'int8' -> 'float32'"]
 
 
 def test_run_config_profile_files_parse_like_flwr_run(tmp_path):

@@ -33,6 +33,22 @@ def test_the_staged_copy_builds_the_same_fab_without_the_ignored_folders(tmp_pat
     assert not any(p.startswith((".venv/", "outputs/")) or "__pycache__" in p or p.endswith(".log") for p in copied)
 
 
+def test_fab_exclude_patterns_resolve_and_a_reused_folder_drops_what_the_app_dropped(tmp_path):
+    """Flower checks each fab-include/-exclude pattern against the files its publish rules keep, so the copy
+    holds those, not only the FAB's; staging again into the same folder starts from empty."""
+    app = _user_app(tmp_path)
+    exclude = 'fab-exclude = ["fedavg_original/**", ".gitignore"]\n'
+    text = (app / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(text.replace("[tool.flwr.app]\n", "[tool.flwr.app]\n" + exclude, 1))
+    assert "fab-exclude" in (app / "pyproject.toml").read_text()
+    staged = stage_app(app, tmp_path / "stage")
+    assert staged != app and build_fab_from_disk(staged) == build_fab_from_disk(app)
+    (app / "notes.md").unlink()
+    again = stage_app(app, tmp_path / "stage")
+    assert again == staged and not (again / "notes.md").exists()
+    assert build_fab_from_disk(again) == build_fab_from_disk(app)
+
+
 def test_the_reference_app_stages_to_its_fab(tmp_path):
     """The checkout itself, ``.venv`` and benchmark results beside the app: the FAB is byte-identical."""
     assert build_fab_from_disk(stage_app(ROOT, tmp_path)) == build_fab_from_disk(ROOT)
