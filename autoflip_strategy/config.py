@@ -155,6 +155,7 @@ class AutoFLIPConfig:
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
         parse_options(values, STRATEGY_OPTIONS)
         object.__setattr__(self, "sparsity_initial", resolve_sparsity_initial(self.sparsity, self.sparsity_initial))
+        object.__setattr__(self, "_value_precision_given", self.value_precision)  # not a field: see resolve_config
         if self.value_precision == AUTO:
             object.__setattr__(self, "value_precision", METHODS[self.strategy].value_precision)
         if self.sparsity_ramp_rounds > 0 and self.sparsity_initial > self.sparsity:
@@ -232,8 +233,8 @@ def resolve_config(base: AutoFLIPConfig | None, run_config: Mapping[str, Any] | 
     values = asdict(base) if base is not None else {**declared, **FEDAVG_DEFAULTS}
     if base is not None and base.sparsity_initial == base.sparsity:
         values["sparsity_initial"] = SAME_AS_SPARSITY  # a ramp start that followed sparsity keeps following it
-    if base is not None and base.value_precision == METHODS[base.strategy].value_precision:
-        values["value_precision"] = AUTO  # a method's own precision follows the method (strategy= may change)
+    if base is not None and getattr(base, "_value_precision_given", None) == AUTO:
+        values["value_precision"] = AUTO  # a precision left to the method follows the method (strategy= may change)
     picked = parse_options({k: v for k, v in (run_config or {}).items() if k in _KEYS}, STRATEGY_OPTIONS, strict=True)
     given = {k.replace("-", "_"): picked[k] for k in (run_config or {}) if k in _KEYS}
     values.update(given)

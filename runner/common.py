@@ -110,9 +110,13 @@ def stage_app(app_dir: Path, into: Path) -> Path:
     skips the folders ``.gitignore`` excludes and copies what Flower's own publish rules keep (so
     ``fab-include`` / ``fab-exclude`` patterns resolve against the same files); the copy is used only if
     Flower builds a byte-identical FAB from it. Otherwise (``!`` patterns in ``.gitignore``, an app Flower
-    rejects, any difference) the original folder is returned and ``flwr run`` reports on it itself."""
+    rejects, any difference, or ``into`` inside the app) the original folder is returned and ``flwr run``
+    reports on it itself. Flower's messages about the app's configuration then name the copy's path."""
     app_dir = Path(app_dir).resolve()
     staged = Path(into) / app_dir.name
+    target = staged.resolve()
+    if staged.is_symlink() or target.is_relative_to(app_dir) or app_dir.is_relative_to(target):
+        return app_dir  # a copy inside the app (or the app itself) would be packaged or deleted next time
     try:
         files = _unignored_files(app_dir)
         if files is None:

@@ -150,6 +150,9 @@ def test_a_method_chosen_by_keyword_or_run_config_gets_its_own_value_precision()
     assert resolve_config(AutoFLIPConfig(strategy="fedavg"), None, {"strategy": "autoflip"}).value_precision == "int8"
     assert resolve_config(AutoFLIPConfig(value_precision="float16"), {"strategy": "magnitude"},
                           {}).value_precision == "float16"
+    assert resolve_config(AutoFLIPConfig(value_precision="int8"), None, {"strategy": "magnitude"}).value_precision \
+        == "int8"  # set, not left to the method
+    assert resolve_config(AutoFLIPConfig.preset("lean"), None, {"strategy": "magnitude"}).value_precision == "int8"
     assert app_config({"strategy": "snip"})["value-precision"] == "float32"  # recorded resolved in results.json
 
 

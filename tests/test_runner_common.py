@@ -51,7 +51,9 @@ def test_fab_exclude_patterns_resolve_and_a_reused_folder_drops_what_the_app_dro
 
 def test_the_reference_app_stages_to_its_fab(tmp_path):
     """The checkout itself, ``.venv`` and benchmark results beside the app: the FAB is byte-identical."""
-    assert build_fab_from_disk(stage_app(ROOT, tmp_path)) == build_fab_from_disk(ROOT)
+    staged = stage_app(ROOT, tmp_path)
+    assert staged != ROOT.resolve()  # a fallback would walk the .venv again
+    assert build_fab_from_disk(staged) == build_fab_from_disk(ROOT)
 
 
 def test_reinclusion_patterns_or_an_app_flower_rejects_are_run_from_the_original_folder(tmp_path):
@@ -61,3 +63,6 @@ def test_reinclusion_patterns_or_an_app_flower_rejects_are_run_from_the_original
     (app / ".gitignore").write_text(".venv/\n")
     (app / "pyproject.toml").write_text("[project]\nname = 'not a flower app'\n")
     assert stage_app(app, tmp_path / "b") == app.resolve()
+    (app / ".gitignore").write_text("\n")
+    assert stage_app(app, app.parent) == app.resolve() and (app / "pyproject.toml").is_file()  # into: the app
+    assert stage_app(app, app / "work") == app.resolve()  # a copy inside the app would be walked next time
