@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULTS_WHEN_ADDED, RESUME_NEUTRAL, AutoFLIPConfig
+from .config import RESUME_NEUTRAL, AutoFLIPConfig, recorded_config
 from .masks import HybridMask
 
 
@@ -99,9 +99,11 @@ def restore_strategy_state(payload: Mapping[str, Any], config: AutoFLIPConfig,
     lacks = sorted(set(STRATEGY_KEYS) - set(payload))
     if lacks:
         raise CheckpointError(f"checkpoint lacks {lacks}: not written by this strategy")
-    saved, mine = json.loads(payload["config"]), asdict(config)
-    # An option the checkpoint lacks did not exist when it was written: that run used its default then.
-    saved = {**asdict(type(config)()), **DEFAULTS_WHEN_ADDED, **saved}
+    try:
+        saved = asdict(recorded_config(json.loads(payload["config"])))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint settings are unreadable: {exc}") from None
+    mine = asdict(config)
     differs = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in sorted(mine)
                if k not in RESUME_NEUTRAL and saved.get(k) != mine[k]]
     state = payload["state"]

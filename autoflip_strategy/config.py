@@ -74,6 +74,11 @@ def resolve_sparsity_initial(sparsity: float, sparsity_initial: float) -> float:
 AUTO = "auto"
 """Declared default of ``value-precision``: each method's own precision (:attr:`.scoring.Method.value_precision`)."""
 
+LEFT_TO_RULE: dict[str, Any] = {"sparsity_initial": SAME_AS_SPARSITY, "value_precision": AUTO}
+"""Fields whose declared default means "follow a rule" (the ramp starts at ``sparsity``; the method's own
+precision). A config resolves them when built and remembers which were left to the rule, so that
+:func:`resolve_config` lets them follow a ``sparsity`` or ``strategy`` changed on top of it."""
+
 
 def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
            high: float | None = None, high_open: bool = False) -> Any:
@@ -154,8 +159,10 @@ class AutoFLIPConfig:
     def __post_init__(self) -> None:
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
         parse_options(values, STRATEGY_OPTIONS)
+        # not a field (so out of asdict, equality and checkpoints): which LEFT_TO_RULE fields were left to the rule
+        object.__setattr__(self, "_left_to_rule", frozenset(f for f, mark in LEFT_TO_RULE.items()
+                                                            if getattr(self, f) == mark))
         object.__setattr__(self, "sparsity_initial", resolve_sparsity_initial(self.sparsity, self.sparsity_initial))
-        object.__setattr__(self, "_value_precision_given", self.value_precision)  # not a field: see resolve_config
         if self.value_precision == AUTO:
             object.__setattr__(self, "value_precision", METHODS[self.strategy].value_precision)
         if self.sparsity_ramp_rounds > 0 and self.sparsity_initial > self.sparsity:
@@ -208,12 +215,21 @@ FEDAVG_DEFAULTS: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1
                                    "min_evaluate_nodes": 2, "min_available_nodes": 2}
 """What ``FedAvg()`` uses: an :class:`~.strategy.AutoFLIP` built without ``config`` samples like FedAvg."""
 
-DEFAULTS_WHEN_ADDED: dict[str, Any] = {"min_output_density": 0.0, "value_precision": "float32"}
-"""Options added with a default that later changed (the switch to the lean defaults, issue #14): a run recorded
-before such an option existed ran under this value, not under today's default (checkpoint and results checks)."""
+DEFAULTS_WHEN_ADDED: dict[str, Any] = {"sparsity_initial": SAME_AS_SPARSITY, "min_output_density": 0.0,
+                                       "value_precision": "float32"}
+"""What a run recorded before an option existed ran under, where that is not today's default (a ramp started at
+the target; the lean defaults of issue #14 changed the other two): :func:`recorded_config`."""
 
 RESUME_NEUTRAL = frozenset({"round_timeout", "max_failed_rounds", "handshake_timeout"})
 """Settings a resumed run may change: they decide when to give up, not what the model becomes."""
+
+
+def recorded_config(saved: Mapping[str, Any]) -> AutoFLIPConfig:
+    """The settings a recorded run ran under (``saved``: a checkpoint's ``asdict`` of its config, or the
+    same keys with underscores). A key the record lacks did not exist then: that run used
+    :data:`DEFAULTS_WHEN_ADDED`, else today's default; rules resolve as for a new config."""
+    declared = {o.key.replace("-", "_"): o.default for o in STRATEGY_OPTIONS}
+    return AutoFLIPConfig(**{**declared, **DEFAULTS_WHEN_ADDED, **{k: v for k, v in saved.items() if k in declared}})
 
 
 def resolve_config(base: AutoFLIPConfig | None, run_config: Mapping[str, Any] | None,
@@ -231,10 +247,8 @@ def resolve_config(base: AutoFLIPConfig | None, run_config: Mapping[str, Any] | 
         raise TypeError(f"AutoFLIP got unknown settings {unknown}; known: {sorted(names)}")
     declared = {o.key.replace("-", "_"): o.default for o in STRATEGY_OPTIONS}  # sentinels unresolved
     values = asdict(base) if base is not None else {**declared, **FEDAVG_DEFAULTS}
-    if base is not None and base.sparsity_initial == base.sparsity:
-        values["sparsity_initial"] = SAME_AS_SPARSITY  # a ramp start that followed sparsity keeps following it
-    if base is not None and getattr(base, "_value_precision_given", None) == AUTO:
-        values["value_precision"] = AUTO  # a precision left to the method follows the method (strategy= may change)
+    if base is not None:  # what the base left to a rule keeps following it
+        values.update({f: LEFT_TO_RULE[f] for f in base._left_to_rule})  # type: ignore[attr-defined]
     picked = parse_options({k: v for k, v in (run_config or {}).items() if k in _KEYS}, STRATEGY_OPTIONS, strict=True)
     given = {k.replace("-", "_"): picked[k] for k in (run_config or {}) if k in _KEYS}
     values.update(given)

@@ -11,15 +11,14 @@ from typing import Any
 
 import autoflip_strategy.config as _strategy_config
 from autoflip_strategy.config import (
-    AUTO,
     DEFAULTS_WHEN_ADDED,
+    LEFT_TO_RULE,
     STRATEGY_OPTIONS,
     AutoFLIPConfig,
     ConfigError,
     Option,
     parse_options,
 )
-from autoflip_strategy.scoring import METHODS
 
 from .data import DATASETS, PARTITIONINGS
 from .models import MODELS
@@ -85,24 +84,23 @@ def app_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     values["run-name"] = check_run_name(values["run-name"])
     if values["resume"] and not values["run-name"]:
         raise ConfigError("resume: needs run-name, the folder under output-dir of the run to continue")
-    strategy = AutoFLIPConfig.from_run_config(values)  # the strategy's rules for its sentinels
-    values["sparsity-initial"] = strategy.sparsity_initial
-    values["value-precision"] = strategy.value_precision
-    return values
+    return {**values, **_ruled(values)}
+
+
+def _ruled(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The strategy keys left to a rule (``sparsity-initial -1``, ``value-precision auto``), resolved by it."""
+    strategy = AutoFLIPConfig.from_run_config(values)
+    return {f.replace("_", "-"): getattr(strategy, f) for f in LEFT_TO_RULE}
 
 
 def model_settings_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``key: was -> now`` for every key outside :data:`NEUTRAL_KEYS` whose value differs.
 
     ``stored`` is a run's recorded config; a key it lacks was added later, so that run used
-    the key's default of then (the same rule as the strategy's checkpoint check)."""
-    defaults = app_config({})
+    the key's default of then (:data:`DEFAULTS_WHEN_ADDED`, as the strategy's checkpoint check does)."""
     when_added = {k.replace("_", "-"): v for k, v in DEFAULTS_WHEN_ADDED.items()}
-    old = {**defaults, **when_added, **stored}
-    if "sparsity-initial" not in stored:  # recorded before the key existed: it started at the target
-        old["sparsity-initial"] = old["sparsity"]
-    if old.get("value-precision") == AUTO:  # recorded unresolved: the stored method's own
-        old["value-precision"] = METHODS[old["strategy"]].value_precision
+    old = {**app_config({}), **when_added, **stored}
+    old.update(_ruled(old))
     return [f"{k}: {old[k]!r} -> {current[k]!r}" for k in sorted(current)
             if k not in NEUTRAL_KEYS and k in old and old[k] != current[k]]
 

@@ -156,6 +156,17 @@ def test_a_method_chosen_by_keyword_or_run_config_gets_its_own_value_precision()
     assert app_config({"strategy": "snip"})["value-precision"] == "float32"  # recorded resolved in results.json
 
 
+def test_a_recorded_strategy_config_lacking_later_keys_reads_as_it_ran():
+    """A checkpoint from before ``sparsity-initial``, ``min-output-density`` and ``value-precision``: its ramp
+    started at its own sparsity (not today's default 0.6), no row floor, float32."""
+    from autoflip_strategy.config import recorded_config
+
+    later = ("sparsity_initial", "min_output_density", "value_precision")
+    old = {k: v for k, v in dataclasses.asdict(AutoFLIPConfig(sparsity=0.5)).items() if k not in later}
+    assert recorded_config({**old, "removed_option": 1}) == AutoFLIPConfig(sparsity=0.5, min_output_density=0.0,
+                                                                          value_precision="float32")
+
+
 def test_resume_check_reads_old_records_under_the_defaults_they_ran_with():
     """A record from before ``min-output-density`` / ``value-precision`` existed ran at 0.0 / float32, and a
     record that says ``auto`` meant its own method's precision."""
